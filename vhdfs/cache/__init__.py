@@ -1,0 +1,1 @@
+"""Layer 2: bounded memory for metadata and data (and, for writes, dirty data)."""

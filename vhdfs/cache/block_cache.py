@@ -1,0 +1,122 @@
+"""BlockCache: one byte budget for BAT pages, sector bitmaps and data of every layer.
+
+Keys name physical things of one host file, ``(layer, kind, index)``: BAT page *n*, the bitmap
+of block *n*, or data chunk *n* (``DATA_CHUNK`` bytes of the file at ``n * DATA_CHUNK``). The
+chain logic never sees the cache; it asks for metadata through the ``MetaSource`` methods, which
+read missing entries from the image synchronously (metadata reads are small and, once a disk is
+in use, almost always hits).
+
+Data is cached as physical bytes, so a later write only has to patch or drop the chunks it
+overlaps. A single read larger than a quarter of the budget bypasses the cache: a sequential
+scan would otherwise evict everything else and gain nothing, the kernel's page cache already
+holds what it read.
+
+Thread safety: used only from the trio thread, and no method awaits, so no lock is needed.
+"""
+
+from __future__ import annotations
+
+from array import array
+from typing import Any
+
+from vhdfs.cache.lru import CacheStatistics, LruCache
+from vhdfs.format.bat import BAT_PAGE_ENTRIES
+from vhdfs.format.bitmap import SectorBitmap
+from vhdfs.format.layout import UNALLOCATED
+from vhdfs.image.chain import Chain
+
+#: Default budget (``-o cache_size=``).
+DEFAULT_CACHE_SIZE = 64 << 20
+#: Smallest budget accepted: enough for the metadata of any request.
+MIN_CACHE_SIZE = 1 << 20
+#: Granularity of cached data, in bytes of the host file.
+DATA_CHUNK = 64 << 10
+
+_BAT = 0
+_BITMAP = 1
+_DATA = 2
+
+CacheKey = tuple[int, int, int]
+
+
+class BlockCache:
+    """Bounded cache over the layers of ``chain``.
+
+    Args:
+        chain: The images whose metadata and data are cached.
+        max_bytes: Budget for everything cached (see ``DEFAULT_CACHE_SIZE``).
+    """
+
+    def __init__(self, chain: Chain, max_bytes: int = DEFAULT_CACHE_SIZE) -> None:
+        self.chain = chain
+        self.layers = chain.layers
+        self._lru: LruCache[CacheKey, Any] = LruCache(max_bytes)
+        self._bypass = max_bytes // 4
+
+    # -- metadata (MetaSource) -----------------------------------------------------------
+
+    def bat_entry(self, layer: int, block: int) -> int:
+        """BAT entry of ``block`` in ``layer``; UNALLOCATED beyond the table."""
+        image = self.layers[layer]
+        if block >= image.bat_entries:
+            return UNALLOCATED
+        page_no, slot = divmod(block, BAT_PAGE_ENTRIES)
+        key = (layer, _BAT, page_no)
+        page: array[int] | None = self._lru.get(key)
+        if page is None:
+            page = image.read_bat_page(page_no)
+            self._lru.put(key, page, len(page) * 4)
+        return page[slot]
+
+    def bitmap(self, layer: int, block: int, entry: int) -> SectorBitmap:
+        """Sector bitmap of ``block`` in ``layer`` (whose BAT entry is ``entry``)."""
+        key = (layer, _BITMAP, block)
+        bitmap: SectorBitmap | None = self._lru.get(key)
+        if bitmap is None:
+            bitmap = self.layers[layer].read_bitmap(entry)
+            self._lru.put(key, bitmap, len(bitmap.raw) + len(bitmap.bits))
+        return bitmap
+
+    # -- data ----------------------------------------------------------------------------
+
+    def cached_data(self, layer: int, offset: int, length: int) -> bytes | bytearray | None:
+        """Bytes ``[offset, offset + length)`` of the layer's file if all are cached."""
+        first, skip = divmod(offset, DATA_CHUNK)
+        last = (offset + length - 1) // DATA_CHUNK
+        if first == last:
+            chunk: bytes | bytearray | None = self._lru.get((layer, _DATA, first))
+            if chunk is None or len(chunk) < skip + length:
+                return None
+            return chunk[skip : skip + length]
+        parts = []
+        for index in range(first, last + 1):
+            chunk = self._lru.get((layer, _DATA, index))
+            if chunk is None:
+                return None
+            parts.append(chunk)
+        joined = b"".join(parts)
+        if len(joined) < skip + length:
+            return None
+        return joined[skip : skip + length]
+
+    def chunk_span(self, layer: int, offset: int, length: int) -> tuple[int, int]:
+        """The chunk-aligned range of the layer's file to read so that the chunks covering
+        ``[offset, offset + length)`` can be cached; clipped to the file's size."""
+        if length > self._bypass:
+            return offset, offset + length
+        start = offset - offset % DATA_CHUNK
+        stop = -(-(offset + length) // DATA_CHUNK) * DATA_CHUNK
+        return start, min(stop, max(self.layers[layer].file.size, offset + length))
+
+    def store_data(self, layer: int, start: int, data: bytes | bytearray) -> None:
+        """Cache ``data`` read at ``start`` (a ``chunk_span``), one chunk at a time."""
+        if start % DATA_CHUNK or len(data) > self._bypass:
+            return
+        first = start // DATA_CHUNK
+        for index, pos in enumerate(range(0, len(data), DATA_CHUNK), first):
+            chunk = data[pos : pos + DATA_CHUNK]
+            self._lru.put((layer, _DATA, index), chunk, len(chunk))
+
+    def statistics(self) -> CacheStatistics:
+        """Counters of the underlying LRU."""
+        return self._lru.statistics()

@@ -1,0 +1,133 @@
+"""The one exception hierarchy for problems with images, chains, mounts and options.
+
+Every error renders as a single line that names the file and, where there is one, the field:
+``disk.vhd: footer checksum 0x00001234 does not match computed 0x0000abcd``. Each class carries
+the errno the FUSE layer answers with and the exit status the command-line tools return, so the
+mapping lives in one place (see ``ExitCode``).
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Exit statuses of ``vhdfs`` and ``vhd``; scripts may rely on them."""
+
+    OK = 0
+    FAILURE = 1
+    USAGE = 2
+    BAD_IMAGE = 3
+    BAD_CHAIN = 4
+    MOUNT_FAILED = 5
+    BUSY = 6
+    IO_ERROR = 7
+
+
+class VhdfsError(Exception):
+    """Base of every error vhdfs reports to a user.
+
+    Args:
+        path: The file the problem is about (an image, a mountpoint), or ``None``.
+        message: What is wrong, as one line without the path.
+    """
+
+    errno: int = _errno.EIO
+    exit_code: ExitCode = ExitCode.FAILURE
+
+    def __init__(self, path: str | os.PathLike[str] | None, message: str) -> None:
+        self.path = None if path is None else os.fspath(path)
+        self.message = message
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        text = self.message if self.path is None else f"{self.path}: {self.message}"
+        return " ".join(text.split())
+
+
+class UsageError(VhdfsError):
+    """A command-line argument or ``-o`` option is invalid."""
+
+    errno = _errno.EINVAL
+    exit_code = ExitCode.USAGE
+
+
+class ImageError(VhdfsError):
+    """The image file cannot be used as it is."""
+
+    exit_code = ExitCode.BAD_IMAGE
+
+
+class NotAVhdError(ImageError):
+    """The file is not a VHD at all (no ``conectix`` footer anywhere)."""
+
+
+class FormatError(ImageError):
+    """A field of a VHD structure holds a value the format does not allow."""
+
+
+class ChecksumError(FormatError):
+    """A footer or dynamic header checksum does not match its contents."""
+
+
+class TruncatedImageError(ImageError):
+    """The file ends before the data its metadata describes."""
+
+
+class CorruptMetadataError(ImageError):
+    """Metadata contradicts itself or the file (e.g. a BAT entry past the end of file)."""
+
+
+class UnsupportedImageError(ImageError):
+    """A valid image using a feature vhdfs does not handle (VHDX, encryption, raw parents)."""
+
+    errno = _errno.EOPNOTSUPP
+
+
+class ChainError(VhdfsError):
+    """A differencing chain cannot be assembled."""
+
+    exit_code = ExitCode.BAD_CHAIN
+
+
+class ParentNotFoundError(ChainError):
+    """No candidate path holds the parent; ``tried`` lists every path looked at."""
+
+    def __init__(self, path: str | os.PathLike[str], message: str, tried: list[str]) -> None:
+        self.tried = tried
+        super().__init__(path, message)
+
+
+class ParentIdMismatchError(ChainError):
+    """A file exists where the locators point, but its unique id is not the expected one."""
+
+
+class ChainLoopError(ChainError):
+    """The chain refers back to an image already in it (or is deeper than allowed)."""
+
+
+class ImageBusyError(VhdfsError):
+    """Another program holds a conflicting lock on the image."""
+
+    errno = _errno.EBUSY
+    exit_code = ExitCode.BUSY
+
+
+class ReadOnlyError(VhdfsError):
+    """A write was attempted on an image opened read-only."""
+
+    errno = _errno.EROFS
+
+
+class HostIOError(VhdfsError):
+    """A read or write of the host file failed."""
+
+    exit_code = ExitCode.IO_ERROR
+
+
+class MountError(VhdfsError):
+    """The file system could not be mounted (mountpoint, FUSE, daemon start)."""
+
+    exit_code = ExitCode.MOUNT_FAILED

@@ -1,0 +1,82 @@
+"""Sector bitmaps of dynamic and differencing blocks (spec §9).
+
+Bit *k* of a block's bitmap says whether sector *k* is stored in this file; bits are
+most-significant-first (mask ``0x80 >> k % 8``). A bitmap is kept both as its raw bytes and as
+a string of ``'0'``/``'1'`` characters, one per sector: ``str.find`` then finds runs of equal
+bits at C speed, which is what every read and write needs.
+"""
+
+from __future__ import annotations
+
+from vhdfs.format.layout import SECTOR
+
+
+def bitmap_bytes(sectors_per_block: int) -> int:
+    """On-disk size of a block bitmap: one bit per sector, padded to whole sectors."""
+    used = -(-sectors_per_block // 8)
+    return -(-used // SECTOR) * SECTOR
+
+
+class SectorBitmap:
+    """The bitmap of one block, for ``sectors`` sectors (the rest of the padding is ignored).
+
+    Args:
+        raw: The bitmap as stored (at least ``ceil(sectors / 8)`` bytes).
+        sectors: Sectors per block.
+    """
+
+    __slots__ = ("bits", "raw", "sectors")
+
+    def __init__(self, raw: bytes | bytearray, sectors: int) -> None:
+        self.sectors = sectors
+        self.raw = bytearray(raw)
+        used = -(-sectors // 8)
+        value = int.from_bytes(self.raw[:used], "big")
+        self.bits = format(value, f"0{used * 8}b")[:sectors]
+
+    @classmethod
+    def full(cls, sectors: int, size: int) -> SectorBitmap:
+        """A bitmap of ``size`` bytes with every sector present."""
+        used = -(-sectors // 8)
+        raw = bytearray(size)
+        raw[:used] = b"\xff" * used
+        return cls(raw, sectors)
+
+    def is_full(self) -> bool:
+        """True when every sector of the block is present."""
+        return "0" not in self.bits
+
+    def count(self) -> int:
+        """Number of sectors present."""
+        return self.bits.count("1")
+
+    def runs(self, first: int, count: int) -> list[tuple[int, int, bool]]:
+        """Split sectors ``[first, first + count)`` into runs of equal state.
+
+        Returns:
+            ``(start_sector, sector_count, present)`` tuples in order.
+        """
+        bits = self.bits
+        end = first + count
+        if bits.find("0", first, end) < 0:
+            return [(first, count, True)]
+        if bits.find("1", first, end) < 0:
+            return [(first, count, False)]
+        out = []
+        pos = first
+        while pos < end:
+            present = bits[pos] == "1"
+            nxt = bits.find("0" if present else "1", pos, end)
+            if nxt < 0:
+                nxt = end
+            out.append((pos, nxt - pos, present))
+            pos = nxt
+        return out
+
+    def set_range(self, first: int, count: int) -> None:
+        """Mark sectors ``[first, first + count)`` present, in both representations."""
+        end = first + count
+        self.bits = self.bits[:first] + "1" * count + self.bits[end:]
+        used = -(-self.sectors // 8)
+        value = int(self.bits.ljust(used * 8, "0"), 2)
+        self.raw[:used] = value.to_bytes(used, "big")

@@ -1,0 +1,1 @@
+"""Layer 1: image files and chains. Synchronous, no trio, no FUSE."""

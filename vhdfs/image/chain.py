@@ -1,0 +1,277 @@
+"""Chain: a VHD and its ancestors, and the pure mapping of disk ranges onto them.
+
+``Chain.open`` opens the leaf (read-write if asked) and walks up through the parents, which are
+always opened read-only. Each parent must carry the unique id its child records; a path or a
+unique id seen twice is a loop. ``plan_read`` maps a byte range of the virtual disk to extents:
+runs of host bytes in one layer, or zeros. It takes each sector from the nearest layer whose
+bitmap has it (spec §12.1) and needs nothing but the metadata it asks ``meta`` for, so it is
+tested without FUSE or trio.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol, Self
+
+from vhdfs.errors import (
+    ChainLoopError,
+    ImageError,
+    ParentIdMismatchError,
+    ParentNotFoundError,
+)
+from vhdfs.format.bitmap import SectorBitmap
+from vhdfs.format.layout import SECTOR, UNALLOCATED, DiskType
+from vhdfs.image.locate import parent_candidates
+from vhdfs.image.vhd import VhdImage
+
+log = logging.getLogger(__name__)
+
+#: Deepest chain accepted: a guard against pathological files, far beyond real snapshot trees.
+MAX_CHAIN_DEPTH = 1024
+
+#: Layer index of an extent that reads as zeros.
+ZEROS = -1
+
+#: ``(disk offset, length, layer index or ZEROS, host file offset)``.
+Extent = tuple[int, int, int, int]
+
+
+class MetaSource(Protocol):
+    """Synchronous access to the metadata of the chain's layers (the block cache)."""
+
+    def bat_entry(self, layer: int, block: int) -> int:
+        """BAT entry of ``block`` in layer ``layer`` (UNALLOCATED if none)."""
+
+    def bitmap(self, layer: int, block: int, entry: int) -> SectorBitmap:
+        """Sector bitmap of ``block`` (whose BAT entry is ``entry``) in layer ``layer``."""
+
+
+@dataclass(frozen=True, slots=True)
+class ParentLink:
+    """How a layer's parent was found, for ``vhd info``."""
+
+    path: str
+    found_by: str
+    expected_id: bytes
+    tried: tuple[str, ...]
+
+
+class Chain:
+    """A leaf image and its parents, nearest first.
+
+    Attributes:
+        layers: ``layers[0]`` is the leaf; ``layers[-1]`` is a fixed or dynamic base.
+        links: ``links[i]`` tells how ``layers[i + 1]`` was found.
+    """
+
+    def __init__(self, layers: list[VhdImage], links: list[ParentLink]) -> None:
+        self.layers = layers
+        self.links = links
+        self.leaf = layers[0]
+        self.virtual_size = self.leaf.virtual_size
+
+    @classmethod
+    def open(cls, path: str, *, writable: bool = False, lock: bool = True) -> Self:
+        """Open ``path`` and every ancestor.
+
+        Args:
+            path: The leaf image.
+            writable: Open the leaf read-write (parents are always read-only).
+            lock: Take OFD locks: exclusive on a writable leaf, shared on everything else.
+
+        Raises:
+            ImageError: A layer is unusable.
+            ChainError: A parent is missing, has the wrong id, or the chain loops.
+        """
+        leaf = VhdImage.open(path, writable=writable)
+        layers = [leaf]
+        links: list[ParentLink] = []
+        try:
+            if lock:
+                leaf.file.lock(exclusive=writable)
+            seen = {_identity(leaf.file.fd)}
+            ids = {leaf.footer.unique_id}
+            current = leaf
+            while current.kind == DiskType.DIFFERENCING:
+                if len(layers) >= MAX_CHAIN_DEPTH:
+                    raise ChainLoopError(
+                        path, f"chain is deeper than {MAX_CHAIN_DEPTH} images"
+                    )
+                parent, link = _open_parent(current, seen, ids)
+                layers.append(parent)
+                links.append(link)
+                if lock:
+                    parent.file.lock(exclusive=False)
+                seen.add(_identity(parent.file.fd))
+                ids.add(parent.footer.unique_id)
+                current = parent
+        except BaseException:
+            for layer in layers:
+                layer.close()
+            raise
+        return cls(layers, links)
+
+    def close(self) -> None:
+        """Close every layer."""
+        for layer in self.layers:
+            layer.close()
+
+    def plan_read(self, offset: int, length: int, meta: MetaSource) -> list[Extent]:
+        """Map ``[offset, offset + length)`` of the virtual disk to extents, in disk order.
+
+        Adjacent extents of one layer that are contiguous in its file are merged, so each
+        contiguous allocated run becomes one host read; adjacent zero extents are merged too.
+        """
+        end = min(offset + length, self.virtual_size)
+        if end <= offset:
+            return []
+        out: list[Extent] = []
+        pending = [(offset, end - offset)]
+        for index, layer in enumerate(self.layers):
+            below: list[tuple[int, int]] = []
+            for start, count in pending:
+                _map_layer(index, layer, start, count, meta, out, below)
+            pending = below
+            if not pending:
+                break
+        for start, count in pending:
+            out.append((start, count, ZEROS, 0))
+        return _merge(out)
+
+    def iter_layers(self) -> Iterator[tuple[VhdImage, ParentLink | None]]:
+        """Each layer with the link that found it (``None`` for the leaf)."""
+        yield self.layers[0], None
+        yield from zip(self.layers[1:], self.links, strict=True)
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _open_parent(
+    child: VhdImage, seen: set[tuple[int, int]], ids: set[bytes]
+) -> tuple[VhdImage, ParentLink]:
+    header = child.header
+    assert header is not None
+    expected = header.parent_unique_id
+    if expected in ids:
+        raise ChainLoopError(
+            child.path,
+            f"parent unique id {expected.hex()} belongs to an image already in the chain",
+        )
+    candidates = parent_candidates(child)
+    tried: list[str] = []
+    mismatched: list[str] = []
+    broken: list[ImageError] = []
+    for candidate in candidates:
+        tried.append(candidate.path)
+        try:
+            st = os.stat(candidate.path)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            raise ChainLoopError(
+                child.path,
+                f"{candidate.source} points at {candidate.path}, which is already in the chain",
+            )
+        try:
+            parent = VhdImage.open(candidate.path, writable=False)
+        except ImageError as exc:
+            broken.append(exc)
+            continue
+        if parent.footer.unique_id != expected:
+            mismatched.append(f"{candidate.path} has id {parent.footer.unique_id.hex()}")
+            parent.close()
+            continue
+        link = ParentLink(candidate.path, candidate.source, expected, tuple(tried))
+        return parent, link
+    if mismatched:
+        raise ParentIdMismatchError(
+            child.path,
+            f"parent unique id {expected.hex()} not found: " + "; ".join(mismatched),
+        )
+    if broken:
+        raise broken[0]
+    name = header.parent_name or "(no name)"
+    raise ParentNotFoundError(
+        child.path,
+        f"parent {name!r} not found; tried: " + (", ".join(tried) or "no locator or name"),
+        tried,
+    )
+
+
+def _map_layer(
+    index: int,
+    layer: VhdImage,
+    start: int,
+    count: int,
+    meta: MetaSource,
+    out: list[Extent],
+    below: list[tuple[int, int]],
+) -> None:
+    """Map one range through one layer: hits go to ``out``, fall-through ranges to ``below``."""
+    size = layer.virtual_size
+    end = start + count
+    if end > size:
+        # Past this layer's end the disk reads as zeros (a child may outgrow its parent).
+        tail = max(start, size)
+        out.append((tail, end - tail, ZEROS, 0))
+        end = tail
+    if start >= end:
+        return
+    if layer.kind == DiskType.FIXED:
+        out.append((start, end - start, index, start))
+        return
+    # Sectors a differencing layer lacks come from its parent; a dynamic layer's are zeros.
+    falls = below if layer.kind == DiskType.DIFFERENCING else None
+    block_size = layer.block_size
+    pos = start
+    while pos < end:
+        block = pos // block_size
+        block_start = block * block_size
+        stop = min(block_start + block_size, end)
+        entry = meta.bat_entry(index, block)
+        if entry == UNALLOCATED:
+            _miss(pos, stop - pos, falls, out)
+        else:
+            data = entry * SECTOR + layer.bitmap_size - block_start
+            first = (pos - block_start) // SECTOR
+            last = (stop - block_start + SECTOR - 1) // SECTOR
+            for sector, sectors, present in meta.bitmap(index, block, entry).runs(
+                first, last - first
+            ):
+                a = max(block_start + sector * SECTOR, pos)
+                b = min(block_start + (sector + sectors) * SECTOR, stop)
+                if present:
+                    out.append((a, b - a, index, data + a))
+                else:
+                    _miss(a, b - a, falls, out)
+        pos = stop
+
+
+def _miss(start: int, count: int, falls: list[tuple[int, int]] | None, out: list[Extent]) -> None:
+    if falls is None:
+        out.append((start, count, ZEROS, 0))
+    else:
+        falls.append((start, count))
+
+
+def _merge(extents: list[Extent]) -> list[Extent]:
+    extents.sort()
+    merged: list[Extent] = []
+    for extent in extents:
+        if merged:
+            start, count, layer, host = merged[-1]
+            if (
+                layer == extent[2]
+                and start + count == extent[0]
+                and (layer == ZEROS or host + count == extent[3])
+            ):
+                merged[-1] = (start, count + extent[1], layer, host)
+                continue
+        merged.append(extent)
+    return merged

@@ -1,0 +1,145 @@
+"""HostFile: one open image file, with positional I/O that checks for short reads.
+
+Every error names the file. Writes are positional (``pwrite``) so no shared seek offset exists;
+the file size is tracked here because allocation decisions depend on it.
+
+Locks are OFD locks (``F_OFD_SETLK``) on the whole file: they belong to the open file
+description, so unlike classic POSIX locks they are not dropped when some other descriptor of
+the same file in this process is closed, and they conflict with the byte-range locks QEMU takes
+(spec §16).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import struct
+from typing import Self
+
+from vhdfs.errors import HostIOError, ImageBusyError, ImageError, TruncatedImageError
+
+
+class HostFile:
+    """An image file opened for positional I/O.
+
+    Use :meth:`open`; ``__init__`` does no I/O.
+    """
+
+    __slots__ = ("fd", "path", "size", "writable")
+
+    def __init__(self, fd: int, path: str, size: int, writable: bool) -> None:
+        self.fd = fd
+        self.path = path
+        self.size = size
+        self.writable = writable
+
+    @classmethod
+    def open(cls, path: str, *, writable: bool) -> Self:
+        """Open ``path`` read-only or read-write.
+
+        Raises:
+            ImageError: The file does not exist, is not a regular file or cannot be opened.
+        """
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags)
+        except OSError as exc:
+            raise ImageError(path, f"cannot open: {exc.strerror}") from exc
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISBLK(st.st_mode):
+                # VHDs on block devices (XenServer keeps them on LVM volumes).
+                size = os.lseek(fd, 0, os.SEEK_END)
+            elif stat.S_ISREG(st.st_mode):
+                size = st.st_size
+            else:
+                raise ImageError(path, "not a regular file or block device")
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, path, size, writable)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Read up to ``length`` bytes at ``offset``; shorter only at end of file."""
+        try:
+            data = os.pread(self.fd, length, offset)
+        except OSError as exc:
+            raise HostIOError(self.path, f"read of {length} bytes at {offset} failed: "
+                              f"{exc.strerror}") from exc
+        if len(data) < length:
+            # os.pread may return short on signals or huge reads; retry until EOF.
+            parts = [data]
+            got = len(data)
+            while got < length:
+                try:
+                    more = os.pread(self.fd, length - got, offset + got)
+                except OSError as exc:
+                    raise HostIOError(self.path, f"read at {offset + got} failed: "
+                                      f"{exc.strerror}") from exc
+                if not more:
+                    break
+                parts.append(more)
+                got += len(more)
+            data = b"".join(parts)
+        return data
+
+    def pread_exact(self, offset: int, length: int, what: str) -> bytes:
+        """Read exactly ``length`` bytes of the structure ``what`` or raise.
+
+        Raises:
+            TruncatedImageError: The file ends inside the structure.
+        """
+        data = self.pread(offset, length)
+        if len(data) != length:
+            raise TruncatedImageError(
+                self.path,
+                f"{what} at offset {offset} needs {length} bytes but the file ends at "
+                f"{offset + len(data)}",
+            )
+        return data
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write all of ``data`` at ``offset``."""
+        view = memoryview(data)
+        done = 0
+        try:
+            while done < len(view):
+                done += os.pwrite(self.fd, view[done:], offset + done)
+        except OSError as exc:
+            raise HostIOError(self.path, f"write of {len(view)} bytes at {offset} failed: "
+                              f"{exc.strerror}") from exc
+        self.size = max(self.size, offset + len(view))
+
+    def fdatasync(self) -> None:
+        """Make written data (and the file length) durable."""
+        try:
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            raise HostIOError(self.path, f"fdatasync failed: {exc.strerror}") from exc
+
+    def lock(self, *, exclusive: bool) -> None:
+        """Take a whole-file OFD lock without waiting.
+
+        Raises:
+            ImageBusyError: Another open file description holds a conflicting lock.
+        """
+        kind = fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK
+        request = struct.pack("hhqqi4x", kind, os.SEEK_SET, 0, 0, 0)
+        try:
+            fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, request)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                mode = "writing" if exclusive else "reading"
+                raise ImageBusyError(
+                    self.path, f"cannot lock for {mode}: the image is in use by another program"
+                ) from exc
+            raise HostIOError(self.path, f"cannot lock: {exc.strerror}") from exc
+
+    def close(self) -> None:
+        """Close the descriptor (idempotent); this also drops its locks."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+

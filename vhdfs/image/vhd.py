@@ -1,0 +1,375 @@
+"""VhdImage: one VHD file (fixed, dynamic or differencing), opened and validated.
+
+Opening follows the checklist of the format reference (§15): find a valid footer (the trailing
+one, a 511-byte one, or the copy at offset 0), read and check the dynamic header, check that the
+BAT fits in the file, then stream through the BAT once to check every allocated entry (inside
+the file, clear of metadata, not overlapping another block) and to learn where data ends.
+After ``open`` the image is trusted: requests are served from plain integers and arrays, and
+construct is never used again for this file.
+
+The BAT itself is not kept: pages of it are read on demand (``read_bat_page``) and cached by
+the layers above, so a 2 TiB image costs a few kilobytes until it is used.
+"""
+
+from __future__ import annotations
+
+import logging
+from array import array
+from dataclasses import dataclass
+from typing import Self
+
+from vhdfs.errors import (
+    CorruptMetadataError,
+    FormatError,
+    ImageError,
+    NotAVhdError,
+    TruncatedImageError,
+    UnsupportedImageError,
+)
+from vhdfs.format.bat import BAT_PAGE_BYTES, BAT_PAGE_ENTRIES, decode_entries, table_bytes
+from vhdfs.format.bitmap import SectorBitmap, bitmap_bytes
+from vhdfs.format.layout import (
+    BATMAP_COOKIE,
+    BATMAP_HEADER,
+    FOOTER_SIZE,
+    HEADER_SIZE,
+    OLD_FOOTER_SIZE,
+    SECTOR,
+    UNALLOCATED,
+    VHDX_SIGNATURE,
+    DiskType,
+)
+from vhdfs.format.records import DynamicHeader, Footer, parse_dynamic_header, parse_footer
+from vhdfs.image.hostfile import HostFile
+
+log = logging.getLogger(__name__)
+
+#: blktap creator versions from which a batmap follows the BAT (§10).
+_TAP_BATMAP_VERSION = 0x00010002
+
+
+@dataclass(frozen=True, slots=True)
+class FooterLocation:
+    """Where the footer that was used came from, and the state of the other copy."""
+
+    footer: Footer
+    #: Length of the trailing footer (512, or 511 for pre-2004 Virtual PC); 0 when missing.
+    trailing_length: int
+    #: Offset of the trailing footer (file size - its length); the end of usable data.
+    trailing_offset: int
+    #: True when the copy at offset 0 exists and equals the footer used.
+    copy_matches: bool
+
+
+class VhdImage:
+    """One VHD file, validated, with the geometry of its blocks precomputed.
+
+    Use :meth:`open`. Attributes are read-only after opening except for the allocation state
+    (``data_end``, ``allocated_blocks``), which the write path maintains.
+    """
+
+    def __init__(
+        self,
+        file: HostFile,
+        location: FooterLocation,
+        header: DynamicHeader | None,
+    ) -> None:
+        footer = location.footer
+        self.file = file
+        self.path = file.path
+        self.footer = footer
+        self.header = header
+        self.kind = footer.disk_type
+        self.trailing_footer_length = location.trailing_length
+        self.trailing_footer_offset = location.trailing_offset
+        self.footer_copy_matches = location.copy_matches
+        #: Current size rounded down to whole sectors (§13.2).
+        self.virtual_size = footer.current_size - footer.current_size % SECTOR
+        self.warnings: list[str] = []
+        if header is None:
+            self.block_size = 0
+            self.sectors_per_block = 0
+            self.bitmap_size = 0
+            self.block_span = 0
+            self.bat_entries = 0
+        else:
+            self.block_size = header.block_size
+            self.sectors_per_block = header.block_size // SECTOR
+            self.bitmap_size = bitmap_bytes(self.sectors_per_block)
+            #: Bytes a block occupies in the file: bitmap then data.
+            self.block_span = self.bitmap_size + self.block_size
+            needed = -(-self.virtual_size // self.block_size)
+            #: BAT entries that describe the disk (the table may hold more, §6).
+            self.bat_entries = min(header.max_table_entries, needed)
+        self.meta_end = 0
+        self.data_end = 0
+        self.allocated_blocks = 0
+
+    # -- opening -------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str, *, writable: bool = False) -> Self:
+        """Open and validate ``path``.
+
+        Args:
+            path: The image file.
+            writable: Open the host file for writing (the caller decides whether the image's
+                state allows writes; see ``writable_problem``).
+
+        Raises:
+            ImageError: Any problem that makes the image unusable, as a one-line message.
+        """
+        file = HostFile.open(path, writable=writable)
+        try:
+            location = _locate_footer(file)
+            header = None
+            if location.footer.disk_type != DiskType.FIXED:
+                header = _read_header(file, location)
+            image = cls(file, location, header)
+            image._validate()
+        except BaseException:
+            file.close()
+            raise
+        return image
+
+    def _validate(self) -> None:
+        if self.kind == DiskType.FIXED:
+            data_size = self.trailing_footer_offset
+            if self.virtual_size > data_size:
+                raise TruncatedImageError(
+                    self.path,
+                    f"fixed disk: footer current size {self.virtual_size} needs that many "
+                    f"bytes of data before the footer, but the file holds {data_size}",
+                )
+            return
+        header = self.header
+        assert header is not None
+        self._check_layout(header)
+        self._scan_bat()
+
+    def _data_limit(self) -> int:
+        """End of the area blocks may occupy: the trailing footer, or EOF when it is missing."""
+        if self.trailing_footer_length:
+            return self.trailing_footer_offset
+        return self.file.size
+
+    def _check_layout(self, header: DynamicHeader) -> None:
+        limit = self._data_limit()
+        table = header.table_offset
+        table_len = table_bytes(header.max_table_entries)
+        needed = -(-self.virtual_size // self.block_size)
+        if header.max_table_entries < needed:
+            message = (
+                f"dynamic header max table entries {header.max_table_entries} cover "
+                f"{header.max_table_entries * self.block_size} bytes, less than the disk's "
+                f"{self.virtual_size}"
+            )
+            if self.file.writable:
+                raise CorruptMetadataError(self.path, message)
+            self._warn(message + "; the rest reads as zeros")
+        header_end = self.footer.data_offset + HEADER_SIZE
+        if table < header_end and table + table_len > self.footer.data_offset or table < SECTOR:
+            raise CorruptMetadataError(
+                self.path,
+                f"dynamic header table offset {table} overlaps the footer copy or the header",
+            )
+        if table + header.max_table_entries * 4 > limit:
+            raise TruncatedImageError(
+                self.path,
+                f"BAT of {header.max_table_entries} entries at offset {table} needs "
+                f"{header.max_table_entries * 4} bytes but the file's data ends at {limit}",
+            )
+        meta_end = max(header_end, table + table_len)
+        meta_end = max(meta_end, self._check_batmap(header, table + table_len, limit))
+        if self.kind == DiskType.DIFFERENCING:
+            if header.parent_unique_id == bytes(16):
+                raise UnsupportedImageError(
+                    self.path,
+                    "differencing disk with an all-zero parent unique id (a blktap raw "
+                    "parent) is not supported",
+                )
+            for slot, loc in enumerate(header.locators):
+                if loc.is_empty:
+                    continue
+                end = loc.data_offset + max(loc.data_length, loc.space_bytes)
+                if loc.data_offset + loc.data_length > self.file.size:
+                    self._warn(
+                        f"parent locator {slot} ({loc.platform_name}) data at offset "
+                        f"{loc.data_offset} runs past the end of file; ignored"
+                    )
+                    continue
+                meta_end = max(meta_end, end)
+        self.meta_end = meta_end
+
+    def _check_batmap(self, header: DynamicHeader, offset: int, limit: int) -> int:
+        """Recognise blktap's batmap (§10); return the end of its area (or 0)."""
+        if self.footer.creator_app != b"tap\0" or self.footer.creator_version < 0x00010001:
+            return 0
+        if offset + SECTOR > limit:
+            return 0
+        raw = self.file.pread_exact(offset, SECTOR, "batmap header")
+        if raw[:8] != BATMAP_COOKIE:
+            return 0
+        batmap = BATMAP_HEADER.parse(raw)
+        if batmap.keyhash_set:
+            raise UnsupportedImageError(
+                self.path, "blktap batmap keyhash is set: the image is encrypted by tapdisk"
+            )
+        return int(max(offset + SECTOR, batmap.batmap_offset + batmap.batmap_size * SECTOR))
+
+    def _scan_bat(self) -> None:
+        """Check every allocated BAT entry and find where data ends, one page at a time."""
+        limit = self._data_limit()
+        span_sectors = self.block_span // SECTOR
+        starts = array("I")
+        data_end = 0
+        count = 0
+        unallocated_page = b"\xff" * BAT_PAGE_BYTES
+        for page in range(-(-self.bat_entries // BAT_PAGE_ENTRIES)):
+            raw = self._read_bat_bytes(page)
+            if raw == unallocated_page[: len(raw)]:
+                continue
+            first = page * BAT_PAGE_ENTRIES
+            for index, entry in enumerate(decode_entries(raw), first):
+                if entry == UNALLOCATED:
+                    continue
+                start = entry * SECTOR
+                end = start + self.block_span
+                if start < self.meta_end:
+                    raise CorruptMetadataError(
+                        self.path,
+                        f"BAT entry {index} = sector {entry} (offset {start}) lies inside "
+                        f"the image's metadata, which ends at {self.meta_end}",
+                    )
+                if end > limit:
+                    if self.trailing_footer_length:
+                        raise CorruptMetadataError(
+                            self.path,
+                            f"BAT entry {index} = sector {entry}: block at offset {start} "
+                            f"ends at {end}, beyond the end of data at {limit}",
+                        )
+                    raise TruncatedImageError(
+                        self.path,
+                        f"file is truncated: block {index} at offset {start} ends at {end} "
+                        f"but the file ends at {limit} and its trailing footer is missing",
+                    )
+                starts.append(entry)
+                data_end = max(data_end, end)
+                count += 1
+        self._check_overlaps(starts, span_sectors)
+        self.data_end = data_end
+        self.allocated_blocks = count
+
+    def _check_overlaps(self, starts: array[int], span_sectors: int) -> None:
+        ordered = starts if all(a < b for a, b in zip(starts, starts[1:])) else sorted(starts)
+        for a, b in zip(ordered, ordered[1:]):
+            if b - a < span_sectors:
+                raise CorruptMetadataError(
+                    self.path,
+                    f"BAT entries at sectors {a} and {b} overlap (a block spans "
+                    f"{span_sectors} sectors)",
+                )
+
+    def _warn(self, message: str) -> None:
+        self.warnings.append(message)
+        log.warning("%s: %s", self.path, message)
+
+    # -- metadata access (used through the block cache) ------------------------------------
+
+    @property
+    def is_fixed(self) -> bool:
+        """True for fixed disks (no BAT, no bitmaps)."""
+        return self.kind == DiskType.FIXED
+
+    @property
+    def bat_pages(self) -> int:
+        """Number of BAT cache pages."""
+        return -(-self.bat_entries // BAT_PAGE_ENTRIES)
+
+    def _read_bat_bytes(self, page: int) -> bytes:
+        assert self.header is not None
+        first = page * BAT_PAGE_ENTRIES
+        count = min(BAT_PAGE_ENTRIES, self.bat_entries - first)
+        return self.file.pread_exact(
+            self.header.table_offset + first * 4, count * 4, f"BAT page {page}"
+        )
+
+    def read_bat_page(self, page: int) -> array[int]:
+        """Entries ``[page * BAT_PAGE_ENTRIES, ...)`` of the BAT, read from the file."""
+        return decode_entries(self._read_bat_bytes(page))
+
+    def read_bitmap(self, entry: int) -> SectorBitmap:
+        """The sector bitmap of the block whose BAT entry is ``entry``."""
+        raw = self.file.pread_exact(entry * SECTOR, self.bitmap_size, "block bitmap")
+        return SectorBitmap(raw, self.sectors_per_block)
+
+    def data_offset(self, entry: int) -> int:
+        """File offset of the first data byte of the block whose BAT entry is ``entry``."""
+        return entry * SECTOR + self.bitmap_size
+
+    def close(self) -> None:
+        """Close the host file."""
+        self.file.close()
+
+
+def _locate_footer(file: HostFile) -> FooterLocation:
+    """Find the footer to trust: trailing first, then the copy at offset 0 (§1.1, §14.1-2)."""
+    size = file.size
+    if size < FOOTER_SIZE - 1:
+        raise NotAVhdError(file.path, f"not a VHD image: the file is only {size} bytes")
+    head = file.pread(0, FOOTER_SIZE)
+    if head[:8] == VHDX_SIGNATURE:
+        raise UnsupportedImageError(file.path, "this is a VHDX image; only VHD is supported")
+    trailing_length = OLD_FOOTER_SIZE if size % SECTOR == OLD_FOOTER_SIZE else FOOTER_SIZE
+    trailing_offset = size - trailing_length
+    trailing, trailing_error = _try_footer(
+        file, file.pread(trailing_offset, trailing_length), "footer"
+    )
+    copy, copy_error = None, None
+    if trailing_offset > 0 and (trailing is None or trailing.disk_type != DiskType.FIXED):
+        copy, copy_error = _try_footer(file, head, "footer copy at offset 0")
+        if copy is not None and copy.disk_type == DiskType.FIXED:
+            copy = None  # offset 0 of a fixed disk is guest data, never a footer copy
+    if trailing is not None:
+        if copy is not None and copy != trailing:
+            log.warning(
+                "%s: the footer copy at offset 0 differs from the trailing footer; "
+                "using the trailing one",
+                file.path,
+            )
+        return FooterLocation(trailing, trailing_length, trailing_offset, copy == trailing)
+    assert trailing_error is not None
+    if copy is not None:
+        log.warning(
+            "%s: trailing footer unusable (%s); using the footer copy at offset 0",
+            file.path,
+            trailing_error.message,
+        )
+        return FooterLocation(copy, 0, size, True)
+    # Report the most specific problem: a damaged footer beats "no footer at all".
+    if isinstance(trailing_error, NotAVhdError) and copy_error is not None:
+        if not isinstance(copy_error, NotAVhdError):
+            raise copy_error
+    raise trailing_error
+
+
+def _try_footer(
+    file: HostFile, raw: bytes, where: str
+) -> tuple[Footer, None] | tuple[None, ImageError]:
+    try:
+        return parse_footer(raw, file.path, where=where), None
+    except ImageError as exc:
+        return None, exc
+
+
+def _read_header(file: HostFile, location: FooterLocation) -> DynamicHeader:
+    offset = location.footer.data_offset
+    limit = location.trailing_offset if location.trailing_length else file.size
+    if offset < SECTOR or offset % SECTOR or offset + HEADER_SIZE > limit:
+        raise FormatError(
+            file.path,
+            f"footer data offset {offset} does not point at a dynamic header inside the file "
+            f"(expected a multiple of 512 from 512 to {limit - HEADER_SIZE})",
+        )
+    raw = file.pread_exact(offset, HEADER_SIZE, "dynamic header")
+    return parse_dynamic_header(raw, file.path)
