@@ -93,7 +93,7 @@ class Chain:
             if lock:
                 leaf.file.lock(exclusive=writable)
             seen = {_identity(leaf.file.fd)}
-            ids = {leaf.footer.unique_id}
+            ids = {leaf.footer.unique_id: leaf.path}
             current = leaf
             while current.kind == DiskType.DIFFERENCING:
                 if len(layers) >= MAX_CHAIN_DEPTH:
@@ -106,7 +106,7 @@ class Chain:
                 if lock:
                     parent.file.lock(exclusive=False)
                 seen.add(_identity(parent.file.fd))
-                ids.add(parent.footer.unique_id)
+                ids[parent.footer.unique_id] = parent.path
                 current = parent
         except BaseException:
             for layer in layers:
@@ -153,7 +153,7 @@ def _identity(fd: int) -> tuple[int, int]:
 
 
 def _open_parent(
-    child: VhdImage, seen: set[tuple[int, int]], ids: set[bytes]
+    child: VhdImage, seen: set[tuple[int, int]], ids: dict[bytes, str]
 ) -> tuple[VhdImage, ParentLink]:
     header = child.header
     assert header is not None
@@ -161,7 +161,8 @@ def _open_parent(
     if expected in ids:
         raise ChainLoopError(
             child.path,
-            f"parent unique id {expected.hex()} belongs to an image already in the chain",
+            f"parent unique id {expected.hex()} is the id of {ids[expected]}, already in "
+            "the chain: the chain loops",
         )
     candidates = parent_candidates(child)
     tried: list[str] = []

@@ -59,6 +59,8 @@ class FooterLocation:
     trailing_offset: int
     #: True when the copy at offset 0 exists and equals the footer used.
     copy_matches: bool
+    #: A problem worth a warning once the image has opened (a footer copy was used...).
+    note: str | None = None
 
 
 class VhdImage:
@@ -85,7 +87,7 @@ class VhdImage:
         self.footer_copy_matches = location.copy_matches
         #: Current size rounded down to whole sectors (§13.2).
         self.virtual_size = footer.current_size - footer.current_size % SECTOR
-        self.warnings: list[str] = []
+        self.warnings: list[str] = [location.note] if location.note else []
         if header is None:
             self.block_size = 0
             self.sectors_per_block = 0
@@ -130,6 +132,8 @@ class VhdImage:
         except BaseException:
             file.close()
             raise
+        for warning in image.warnings:
+            log.warning("%s: %s", path, warning)
         return image
 
     def _validate(self) -> None:
@@ -271,8 +275,8 @@ class VhdImage:
                 )
 
     def _warn(self, message: str) -> None:
+        """Record a problem that does not stop the image from opening (logged by ``open``)."""
         self.warnings.append(message)
-        log.warning("%s: %s", self.path, message)
 
     # -- metadata access (used through the block cache) ------------------------------------
 
@@ -331,21 +335,14 @@ def _locate_footer(file: HostFile) -> FooterLocation:
         if copy is not None and copy.disk_type == DiskType.FIXED:
             copy = None  # offset 0 of a fixed disk is guest data, never a footer copy
     if trailing is not None:
+        note = None
         if copy is not None and copy != trailing:
-            log.warning(
-                "%s: the footer copy at offset 0 differs from the trailing footer; "
-                "using the trailing one",
-                file.path,
-            )
-        return FooterLocation(trailing, trailing_length, trailing_offset, copy == trailing)
+            note = "the footer copy at offset 0 differs from the trailing footer; using the latter"
+        return FooterLocation(trailing, trailing_length, trailing_offset, copy == trailing, note)
     assert trailing_error is not None
     if copy is not None:
-        log.warning(
-            "%s: trailing footer unusable (%s); using the footer copy at offset 0",
-            file.path,
-            trailing_error.message,
-        )
-        return FooterLocation(copy, 0, size, True)
+        note = f"trailing footer unusable ({trailing_error.message}); using the copy at offset 0"
+        return FooterLocation(copy, 0, size, True, note)
     # Report the most specific problem: a damaged footer beats "no footer at all".
     if isinstance(trailing_error, NotAVhdError) and copy_error is not None:
         if not isinstance(copy_error, NotAVhdError):

@@ -1,0 +1,234 @@
+"""``vhdfs``: mount VHD images as raw disk files.
+
+Everything that can fail is done before the mount exists and before the process forks:
+options are parsed, every image and parent is opened and validated, the mountpoint is checked.
+A failure there prints one line and exits non-zero with nothing mounted and no file changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import stat
+import sys
+from collections.abc import Sequence
+
+import pyfuse3
+import trio
+
+from vhdfs import __version__
+from vhdfs.cache.block_cache import DEFAULT_CACHE_SIZE, BlockCache
+from vhdfs.cli.output import error, log_to_syslog, setup_logging
+from vhdfs.daemon.daemonize import StartupPipe, detach
+from vhdfs.daemon.options import MountOptions, escape_fuse_value, parse_mount_options
+from vhdfs.daemon.serve import serve
+from vhdfs.disk import VirtualDisk
+from vhdfs.errors import ExitCode, MountError, UsageError, VhdfsError
+from vhdfs.fuse.operations import RawFile, VhdfsOperations
+from vhdfs.hostio import HostIO
+from vhdfs.image.chain import Chain
+from vhdfs.units import format_size
+
+log = logging.getLogger(__name__)
+PROGRAM = "vhdfs"
+
+_DESCRIPTION = """\
+Mount Microsoft VHD disk images (fixed, dynamic and differencing, with parent chains of any
+depth) as raw disk files. The command returns once the mount is ready and leaves a daemon
+serving it; unmount with fusermount3 -u (or umount as root) to end the daemon."""
+
+_EPILOG = f"""\
+mount options (-o, comma-separated, may be repeated; also accepted after the positionals):
+  ro                  read-only (the default; writing is not supported yet)
+  cache_size=SIZE     memory for cached metadata and data, e.g. 256M
+                      (default {format_size(DEFAULT_CACHE_SIZE)}, minimum 1 MiB)
+  io=auto|inline|thread
+                      where host reads run: auto (default) reads inline what the host page
+                      cache holds and uses a thread for the rest
+  allow_other, allow_root, auto_unmount, default_permissions, dev, nodev, suid, nosuid,
+  exec, noexec, atime, noatime, relatime, fsname=NAME, subtype=NAME
+                      passed to FUSE and the kernel
+  defaults, auto, noauto, user, users, nofail, _netdev, x-*, comment=
+                      fstab words, accepted and ignored
+
+the mountpoint:
+  a directory         holds one NAME.raw per IMAGE (NAME is the image file name without
+                      .vhd), sized to the virtual disk
+  a regular file      (one IMAGE only) becomes the raw disk itself
+
+examples:
+  vhdfs disk.vhd /mnt/disk                    # the guest disk is /mnt/disk/disk.raw
+  losetup -r -P --show -f /mnt/disk/disk.raw  # partitions appear as /dev/loopNpM
+  mount -o ro /dev/loop0p1 /mnt/guest
+  vhdfs snapshot.vhd /srv/vm.raw              # regular-file mountpoint
+  vhdfs -f -o cache_size=256M a.vhd b.vhd /mnt/disks
+  fusermount3 -u /mnt/disk                    # unmount; the daemon exits
+
+  in /etc/fstab:
+  /srv/images/disk.vhd  /mnt/disk  fuse.vhdfs  ro,allow_other,nofail  0  0
+
+exit status:
+  0  mounted (or, with -f, unmounted cleanly)
+  1  unexpected error          5  the mount failed (mountpoint, FUSE, daemon start)
+  2  bad usage or option       6  an image is in use by another program
+  3  an image is unusable      7  host I/O error
+  4  a parent chain is broken (missing parent, wrong unique id, loop)
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``vhdfs`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog=PROGRAM,
+        usage="%(prog)s [-o OPTIONS] [-f] [-d] IMAGE [IMAGE ...] MOUNTPOINT",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        metavar="IMAGE [IMAGE ...] MOUNTPOINT",
+        help="VHD images to serve (a differencing image brings its whole chain), then the "
+        "directory or regular file to mount on",
+    )
+    parser.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="OPTIONS",
+        help="comma-separated mount options (see below)",
+    )
+    parser.add_argument(
+        "-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr"
+    )
+    parser.add_argument(
+        "-d",
+        "--debug",
+        action="store_true",
+        help="debug logging, FUSE requests included; implies -f",
+    )
+    parser.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``vhdfs``; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_intermixed_args(argv)
+    setup_logging(PROGRAM, debug=args.debug)
+    if len(args.paths) < 2:
+        parser.error("need at least one IMAGE and a MOUNTPOINT")
+    try:
+        options = parse_mount_options(args.options)
+        return _mount(args.paths[:-1], args.paths[-1], options, args.foreground or args.debug,
+                      args.debug)
+    except VhdfsError as exc:
+        error(PROGRAM, exc)
+        return exc.exit_code
+
+
+def raw_name(image: str) -> str:
+    """Name of an image's raw file: the file name without a .vhd/.avhd suffix, plus .raw."""
+    base = os.path.basename(image)
+    stem = re.sub(r"\.a?vhd$", "", base, flags=re.IGNORECASE) or base
+    return stem + ".raw"
+
+
+def _check_mountpoint(mountpoint: str, images: list[str]) -> bool:
+    """Validate the mountpoint; return True for a regular-file (single disk) mountpoint."""
+    try:
+        st = os.stat(mountpoint)
+    except OSError as exc:
+        raise MountError(mountpoint, f"cannot use as mountpoint: {exc.strerror}") from None
+    if stat.S_ISREG(st.st_mode):
+        if len(images) != 1:
+            raise UsageError(
+                mountpoint, "a regular-file mountpoint serves exactly one image"
+            )
+        return True
+    if not stat.S_ISDIR(st.st_mode):
+        raise MountError(mountpoint, "mountpoint is neither a directory nor a regular file")
+    names = [raw_name(image) for image in images]
+    for name in set(names):
+        clashing = [image for image, n in zip(images, names, strict=True) if n == name]
+        if len(clashing) > 1:
+            raise UsageError(
+                None, f"images {', '.join(clashing)} would all be served as {name}"
+            )
+    return False
+
+
+def _open_disks(images: list[str], options: MountOptions) -> list[VirtualDisk]:
+    disks: list[VirtualDisk] = []
+    try:
+        for image in images:
+            chain = Chain.open(os.path.abspath(image), writable=not options.read_only)
+            cache = BlockCache(chain, options.cache_size)
+            disks.append(VirtualDisk(chain, cache, HostIO(options.io_mode)))
+    except BaseException:
+        for disk in disks:
+            disk.chain.close()
+        raise
+    return disks
+
+
+def _fuse_options(images: list[str], options: MountOptions, debug: bool) -> set[str]:
+    fuse = set(pyfuse3.default_options) | set(options.fuse_flags)
+    fuse.add("fsname=" + escape_fuse_value(options.fsname or os.path.abspath(images[0])))
+    fuse.add("subtype=" + escape_fuse_value(options.subtype or PROGRAM))
+    if options.read_only:
+        fuse.add("ro")
+    if debug:
+        fuse.add("debug")
+    return fuse
+
+
+def _mount(
+    images: list[str], mountpoint: str, options: MountOptions, foreground: bool, debug: bool
+) -> int:
+    single_file = _check_mountpoint(mountpoint, images)
+    disks = _open_disks(images, options)
+    try:
+        files = [
+            RawFile(raw_name(image), disk, os.stat(disk.chain.leaf.path))
+            for image, disk in zip(images, disks, strict=True)
+        ]
+        ops = VhdfsOperations(files, single_file=single_file, root_stat=os.stat(mountpoint))
+        try:
+            pyfuse3.init(ops, mountpoint, _fuse_options(images, options, debug))
+        except RuntimeError:
+            raise MountError(
+                mountpoint, "FUSE refused the mount (see the message above)"
+            ) from None
+    except BaseException:
+        for disk in disks:
+            disk.chain.close()
+        raise
+    pipe = None if foreground else detach(os.path.abspath(mountpoint))
+    return _run(disks, pipe)
+
+
+def _run(disks: list[VirtualDisk], pipe: StartupPipe | None) -> int:
+    def on_ready() -> None:
+        if pipe is not None:
+            pipe.ready()
+            log_to_syslog(PROGRAM)
+
+    try:
+        stopped_by_signal = trio.run(serve, disks, on_ready)
+    except BaseException as exc:
+        if pipe is not None:
+            pipe.failed(f"the daemon failed during start-up: {exc!r}", ExitCode.FAILURE)
+        log.exception("the daemon failed")
+        pyfuse3.close(unmount=False)
+        return ExitCode.FAILURE
+    pyfuse3.close(unmount=stopped_by_signal)
+    return ExitCode.OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Process lifecycle: option parsing, daemonizing, and the trio main loop."""
