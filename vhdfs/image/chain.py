@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol, Self
 
 from vhdfs.errors import (
+    ChainError,
     ChainLoopError,
     ImageError,
     ParentIdMismatchError,
@@ -86,9 +87,30 @@ class Chain:
             ImageError: A layer is unusable.
             ChainError: A parent is missing, has the wrong id, or the chain loops.
         """
+        chain, error = cls.open_partial(path, writable=writable, lock=lock)
+        if error is not None:
+            chain.close()
+            raise error
+        return chain
+
+    @classmethod
+    def open_partial(
+        cls, path: str, *, writable: bool = False, lock: bool = True
+    ) -> tuple[Self, ChainError | None]:
+        """Open as much of the chain as possible, for reports.
+
+        Returns:
+            The chain of the layers that opened, and the error that stopped the walk (the
+            chain is incomplete and must not serve reads then).
+
+        Raises:
+            ImageError: A layer is unusable (including the parents: a broken parent file is
+                an image problem, not a missing link).
+        """
         leaf = VhdImage.open(path, writable=writable)
         layers = [leaf]
         links: list[ParentLink] = []
+        error: ChainError | None = None
         try:
             if lock:
                 leaf.file.lock(exclusive=writable)
@@ -97,9 +119,7 @@ class Chain:
             current = leaf
             while current.kind == DiskType.DIFFERENCING:
                 if len(layers) >= MAX_CHAIN_DEPTH:
-                    raise ChainLoopError(
-                        path, f"chain is deeper than {MAX_CHAIN_DEPTH} images"
-                    )
+                    raise ChainLoopError(path, f"chain is deeper than {MAX_CHAIN_DEPTH} images")
                 parent, link = _open_parent(current, seen, ids)
                 layers.append(parent)
                 links.append(link)
@@ -108,11 +128,13 @@ class Chain:
                 seen.add(_identity(parent.file.fd))
                 ids[parent.footer.unique_id] = parent.path
                 current = parent
+        except ChainError as exc:
+            error = exc
         except BaseException:
             for layer in layers:
                 layer.close()
             raise
-        return cls(layers, links)
+        return cls(layers, links), error
 
     def close(self) -> None:
         """Close every layer."""

@@ -1,0 +1,172 @@
+"""``vhd``: image tools (``info``, ``create``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from vhdfs import __version__
+from vhdfs.cli.info import chain_report, render_json, render_text
+from vhdfs.cli.output import error, setup_logging
+from vhdfs.errors import ExitCode, UsageError, VhdfsError
+from vhdfs.image.chain import Chain
+from vhdfs.image.create import (
+    DEFAULT_BLOCK_SIZE,
+    WIDELY_SUPPORTED_BLOCK_SIZES,
+    create_differencing,
+    create_dynamic,
+    create_fixed,
+)
+from vhdfs.units import format_size, parse_size
+
+log = logging.getLogger(__name__)
+PROGRAM = "vhd"
+
+_EPILOG = """\
+examples:
+  vhd create disk.vhd 20G                         # dynamic, 2 MiB blocks
+  vhd create --type fixed --size 512M azure.vhd   # fixed (sparse on the host)
+  vhd create -b 512K disk.vhd 4G                  # dynamic, 512 KiB blocks
+  vhd create --parent base.vhd snapshot.vhd       # differencing child of base.vhd
+  vhd info snapshot.vhd                           # the whole chain
+  vhd info --json disk.vhd | jq .virtual_size
+
+exit status:
+  0 success   2 bad usage   3 unusable image   4 broken parent chain   1 unexpected error
+"""
+
+_CREATE_EPILOG = """\
+SIZE takes a unit: 512 (bytes), 64K, 100M, 20G, 1T (binary units). It must be a multiple of
+512 bytes and at most 2040 GiB. A child (--parent) has its parent's size.
+
+A new child records its parent by a relative and an absolute path and by name; keep the parent
+in the same folder under the same name if vhdimount (libvhdi) must open the chain too.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``vhd`` argument parser with its subcommands."""
+    parser = argparse.ArgumentParser(
+        prog=PROGRAM,
+        description="Inspect and create Microsoft VHD disk images.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    info = sub.add_parser(
+        "info",
+        help="describe an image and its parent chain",
+        description="Describe an image: type, sizes, geometry, creator, blocks, and every "
+        "parent of a differencing image with how it was found and whether its unique id "
+        "matches.",
+    )
+    info.add_argument("image", metavar="IMAGE")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+
+    create = sub.add_parser(
+        "create",
+        help="create a new fixed, dynamic or differencing image",
+        description="Create a new image. Never overwrites an existing file.",
+        epilog=_CREATE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    create.add_argument("image", metavar="IMAGE", help="the file to create")
+    create.add_argument("size", metavar="SIZE", nargs="?", help="virtual disk size, e.g. 20G")
+    create.add_argument("-s", "--size", dest="size_option", metavar="SIZE", help="same as SIZE")
+    create.add_argument(
+        "-t",
+        "--type",
+        choices=("dynamic", "fixed"),
+        default=None,
+        help="image type without --parent (default: dynamic)",
+    )
+    create.add_argument(
+        "-b",
+        "--block-size",
+        default=None,
+        metavar="SIZE",
+        help=f"block size of a dynamic or differencing image "
+        f"(default {format_size(DEFAULT_BLOCK_SIZE)}; a power of two from 512 to 256M)",
+    )
+    create.add_argument(
+        "-p", "--parent", metavar="PARENT", help="create a differencing child of PARENT"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``vhd``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    setup_logging(PROGRAM)
+    try:
+        if args.command == "info":
+            return _info(args.image, as_json=args.json)
+        return _create(args)
+    except VhdfsError as exc:
+        error(PROGRAM, exc)
+        return exc.exit_code
+
+
+def _info(path: str, *, as_json: bool) -> int:
+    chain, chain_error = Chain.open_partial(path, lock=False)
+    try:
+        report = chain_report(list(chain.iter_layers()), chain_error)
+    finally:
+        chain.close()
+    print(render_json(report) if as_json else render_text(report))
+    return ExitCode.OK if chain_error is None else chain_error.exit_code
+
+
+def _size_argument(text: str, what: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise UsageError(None, f"{what}: {exc}") from None
+
+
+def _create(args: argparse.Namespace) -> int:
+    if args.size and args.size_option:
+        raise UsageError(None, "give the size once (SIZE or --size)")
+    size_text = args.size or args.size_option
+    block_size = (
+        DEFAULT_BLOCK_SIZE
+        if args.block_size is None
+        else _size_argument(args.block_size, "block size")
+    )
+    if args.parent:
+        if size_text:
+            raise UsageError(None, "a differencing image has its parent's size; drop SIZE")
+        if args.type is not None:
+            raise UsageError(None, "--type does not apply with --parent")
+        footer = create_differencing(args.image, args.parent, block_size)
+        kind = f"differencing (parent {args.parent})"
+    else:
+        if not size_text:
+            raise UsageError(None, "SIZE is required without --parent")
+        size = _size_argument(size_text, "size")
+        if args.type == "fixed":
+            if args.block_size is not None:
+                raise UsageError(None, "--block-size does not apply to fixed images")
+            footer = create_fixed(args.image, size)
+            kind = "fixed"
+        else:
+            footer = create_dynamic(args.image, size, block_size)
+            kind = f"dynamic ({format_size(block_size)} blocks)"
+    if footer.disk_type != 2 and block_size not in WIDELY_SUPPORTED_BLOCK_SIZES:
+        log.warning(
+            "block size %s: Virtual PC and blktap only open 512 KiB and 2 MiB blocks",
+            format_size(block_size),
+        )
+    print(
+        f"created {args.image}: {kind}, {format_size(footer.current_size)} "
+        f"({footer.current_size} bytes)"
+    )
+    return ExitCode.OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
