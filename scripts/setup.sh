@@ -1,0 +1,27 @@
+#!/bin/sh
+# Install everything vhdfs needs on Debian 12, idempotently: system packages (only the missing
+# ones, so a second run does not touch apt), a virtualenv in .venv and the package itself.
+set -eu
+cd "$(dirname "$0")/.."
+
+PACKAGES="fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv qemu-utils
+libvhdi-utils e2fsprogs fdisk util-linux mount xz-utils"
+[ -n "${VHDFS_EXTRA_PACKAGES:-}" ] && PACKAGES="$PACKAGES $VHDFS_EXTRA_PACKAGES"
+
+missing=""
+for package in $PACKAGES; do
+    status=$(dpkg-query -W -f='${Status}' "$package" 2>/dev/null || true)
+    [ "$status" = "install ok installed" ] || missing="$missing $package"
+done
+if [ -n "$missing" ]; then
+    echo "setup: installing$missing" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >&2
+    # shellcheck disable=SC2086
+    apt-get install -y -q --no-install-recommends $missing >&2
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    /usr/bin/python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]" >&2

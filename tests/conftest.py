@@ -1,0 +1,108 @@
+"""Shared fixtures: FUSE/root requirements, mounts that always unmount, the sample corpus."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import lzma
+import os
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.mounting import Mount
+
+
+def _corpus_dir() -> Path:
+    """The sample corpus: $VHDFS_CORPUS, else the shared one beside the checkout, else ours."""
+    if os.environ.get("VHDFS_CORPUS"):
+        return Path(os.environ["VHDFS_CORPUS"])
+    shared = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+    if (shared / "manifest.json").exists():
+        return shared
+    return Path(__file__).resolve().parent / "corpus"
+
+
+CORPUS = _corpus_dir()
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _fuse_problem() -> str | None:
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse is missing"
+    if shutil.which("fusermount3") is None:
+        return "fusermount3 is not installed"
+    if os.geteuid() != 0:
+        return "mount tests need root (loop devices, mount)"
+    return None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Daemonized vhdfs processes are orphaned by their parent; as a subreaper this test
+    # process inherits them, so fixtures can wait for exactly the PID they started.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("fuse") or item.get_closest_marker("root"):
+        problem = _fuse_problem()
+        if problem is not None:
+            if os.environ.get("CI"):
+                pytest.fail(f"CI must run the mount tests, but {problem}")
+            pytest.skip(problem)
+
+
+@pytest.fixture
+def mount(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
+    """Factory for real mounts; every mount started is torn down after the test."""
+    started: list[Mount] = []
+    counter = iter(range(1000))
+
+    def start(
+        images: Sequence[str | Path],
+        mountpoint: str | Path | None = None,
+        options: Sequence[str] = (),
+        *,
+        foreground: bool = False,
+        cwd: str | Path | None = None,
+    ) -> Mount:
+        if mountpoint is None:
+            mountpoint = tmp_path / f"mnt{next(counter)}"
+            mountpoint.mkdir()
+        m = Mount(
+            [str(i) for i in images],
+            str(mountpoint),
+            options,
+            foreground=foreground,
+            cwd=None if cwd is None else str(cwd),
+        )
+        started.append(m)
+        return m.start()
+
+    try:
+        yield start
+    finally:
+        for m in started:
+            m.cleanup()
+
+
+@pytest.fixture(scope="session")
+def corpus_manifest() -> dict[str, Any]:
+    with open(CORPUS / "manifest.json") as f:
+        manifest: dict[str, Any] = json.load(f)
+    return manifest
+
+
+def unpack_case(case: dict[str, Any], target: Path) -> Path:
+    """Decompress one corpus case into ``target``; return its folder."""
+    folder = target / case["name"]
+    for name in case["files"]:
+        source = CORPUS / "images" / case["name"] / (name + ".xz")
+        dest = folder / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(lzma.decompress(source.read_bytes()))
+    return folder

@@ -1,0 +1,160 @@
+"""Real vhdfs mounts for tests, torn down reliably.
+
+``Mount.start`` runs the real ``vhdfs`` command. Without ``-f`` it daemonizes and returns when
+the mount is ready; the daemon's PID comes from the ``user.vhdfs.pid`` attribute, and because
+the test process is a child subreaper (see conftest) the orphaned daemon is our child, so its
+exit status can be collected. With ``foreground=True`` the process is ours directly.
+
+``Mount.stop`` unmounts with ``fusermount3 -u`` and waits for that PID and its exit status. If
+anything fails it escalates (lazy unmount, SIGTERM, SIGKILL), always to that one PID only, and
+the original failure is reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+VHDFS = os.path.join(os.path.dirname(sys.executable), "vhdfs")
+VHD = os.path.join(os.path.dirname(sys.executable), "vhd")
+
+
+def vhdfs_command() -> list[str]:
+    """The installed ``vhdfs`` script, or the module when running from a source tree."""
+    return [VHDFS] if os.path.exists(VHDFS) else [sys.executable, "-m", "vhdfs"]
+
+
+def vhd_command() -> list[str]:
+    """The installed ``vhd`` script, or its module."""
+    return [VHD] if os.path.exists(VHD) else [sys.executable, "-m", "vhdfs.cli.vhd_cmd"]
+
+
+def is_mounted(path: str) -> bool:
+    """True when ``path`` is a mountpoint according to /proc/self/mountinfo."""
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mountpoint = line.split()[4].encode().decode("unicode_escape")
+            if mountpoint == target:
+                return True
+    return False
+
+
+def wait_pid(pid: int, timeout: float) -> int | None:
+    """Wait for our child ``pid``; return its exit status, or None on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.02)
+
+
+class MountFailed(AssertionError):
+    """The vhdfs command did not mount."""
+
+
+class Mount:
+    """One vhdfs mount of ``images`` on ``mountpoint``."""
+
+    def __init__(
+        self,
+        images: Sequence[str],
+        mountpoint: str,
+        options: Sequence[str] = (),
+        *,
+        foreground: bool = False,
+        cwd: str | None = None,
+    ) -> None:
+        self.cwd = cwd
+        self.images = list(images)
+        self.mountpoint = mountpoint
+        self.options = list(options)
+        self.foreground = foreground
+        self.pid: int | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+        self.stderr = b""
+
+    def argv(self) -> list[str]:
+        argv = vhdfs_command()
+        if self.foreground:
+            argv.append("-f")
+        for option in self.options:
+            argv += ["-o", option]
+        return argv + self.images + [self.mountpoint]
+
+    def start(self) -> Mount:
+        if self.foreground:
+            self.process = subprocess.Popen(self.argv(), stderr=subprocess.PIPE, cwd=self.cwd)
+            self.pid = self.process.pid
+            deadline = time.monotonic() + 30
+            while not is_mounted(self.mountpoint):
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stderr = self.process.communicate(timeout=10)[1]
+                    raise MountFailed(f"vhdfs -f did not mount: {self.stderr.decode()}")
+                time.sleep(0.02)
+            return self
+        result = subprocess.run(self.argv(), capture_output=True, timeout=60, cwd=self.cwd)
+        self.stderr = result.stderr
+        if result.returncode != 0:
+            raise MountFailed(
+                f"vhdfs exited {result.returncode}: {result.stderr.decode().strip()}"
+            )
+        self.pid = int(os.getxattr(self.mountpoint, "user.vhdfs.pid"))
+        return self
+
+    def raw(self, name: str | None = None) -> str:
+        """Path of a raw file in a directory mount, or the mountpoint itself (single file)."""
+        if name is None:
+            return self.mountpoint
+        return os.path.join(self.mountpoint, name)
+
+    def stop(self, timeout: float = 60) -> int:
+        """Unmount and return the daemon's exit status."""
+        assert self.pid is not None
+        pid, self.pid = self.pid, None
+        result = subprocess.run(
+            ["fusermount3", "-u", self.mountpoint], capture_output=True, timeout=60
+        )
+        status = self._wait(pid, timeout) if result.returncode == 0 else None
+        if status is None:
+            self._force(pid)
+            raise AssertionError(
+                f"unmount of {self.mountpoint} failed: {result.stderr.decode().strip()} "
+                f"{self.stderr.decode()}"
+            )
+        return status
+
+    def _wait(self, pid: int, timeout: float) -> int | None:
+        if self.process is not None:
+            try:
+                _, err = self.process.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                return None
+            self.stderr += err
+            return self.process.returncode
+        return wait_pid(pid, timeout)
+
+    def _force(self, pid: int) -> None:
+        subprocess.run(["fusermount3", "-u", "-z", self.mountpoint], capture_output=True)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+            if self._wait(pid, 10) is not None:
+                return
+
+    def cleanup(self) -> None:
+        """Teardown path: stop if still running, never raising over a test failure."""
+        if self.pid is not None:
+            pid = self.pid
+            try:
+                self.stop(timeout=30)
+            except AssertionError:
+                self._force(pid)
