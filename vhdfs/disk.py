@@ -77,8 +77,8 @@ class VirtualDisk:
         skip = offset - start
         if len(raw) < skip + length:
             raise HostIOError(
-                file.path, f"file ended early: read at {offset} returned {len(raw) - skip} "
-                f"of {length} bytes"
+                file.path,
+                f"file ended early: read at {offset} returned {len(raw) - skip} of {length} bytes",
             )
         self.cache.store_data(layer, start, raw)
         if skip == 0 and len(raw) == length:

@@ -74,6 +74,4 @@ class HostIO:
 
     async def _in_thread(self, file: HostFile, offset: int, length: int) -> bytes:
         self.thread_reads += 1
-        return await trio.to_thread.run_sync(
-            file.pread, offset, length, limiter=self._limiter
-        )
+        return await trio.to_thread.run_sync(file.pread, offset, length, limiter=self._limiter)

@@ -30,7 +30,8 @@ def parse_size(text: str) -> int:
     factor = _UNITS[unit.upper()]
     if "." in number:
         whole, frac = number.split(".")
-        return int(whole) * factor + int(frac) * factor // 10 ** len(frac)
+        scale: int = 10 ** len(frac)
+        return int(whole) * factor + int(frac) * factor // scale
     return int(number) * factor
 
 

@@ -66,4 +66,3 @@ def test_corpus_case(case: dict[str, Any], tmp_path: Path, mount: Any) -> None:
             assert result.returncode == status, result.stderr
             assert re.search(pattern, lines[0]), lines[0]
     assert tree_hashes(folder) == before
-

@@ -104,9 +104,7 @@ class Mount:
         result = subprocess.run(self.argv(), capture_output=True, timeout=60, cwd=self.cwd)
         self.stderr = result.stderr
         if result.returncode != 0:
-            raise MountFailed(
-                f"vhdfs exited {result.returncode}: {result.stderr.decode().strip()}"
-            )
+            raise MountFailed(f"vhdfs exited {result.returncode}: {result.stderr.decode().strip()}")
         self.pid = int(os.getxattr(self.mountpoint, "user.vhdfs.pid"))
         return self
 

@@ -40,7 +40,8 @@ class ImageWriter:
             ">QIII", header, 16
         )
         self.spb = self.block_size // SECTOR
-        self.bitmap_size = -(-(-(-self.spb // 8)) // SECTOR) * SECTOR
+        bitmap_bytes = (self.spb + 7) // 8
+        self.bitmap_size = (bitmap_bytes + SECTOR - 1) // SECTOR * SECTOR
 
     def close(self) -> None:
         os.close(self.fd)
@@ -65,7 +66,8 @@ class ImageWriter:
 
     def write(self, offset: int, data: bytes) -> None:
         """Write whole sectors at a sector-aligned ``offset``."""
-        assert offset % SECTOR == 0 and len(data) % SECTOR == 0
+        assert offset % SECTOR == 0
+        assert len(data) % SECTOR == 0
         assert offset + len(data) <= self.size
         if self.disk_type == 2:
             os.pwrite(self.fd, data, offset)

@@ -100,8 +100,11 @@ class BlockCache:
         return joined[skip : skip + length]
 
     def chunk_span(self, layer: int, offset: int, length: int) -> tuple[int, int]:
-        """The chunk-aligned range of the layer's file to read so that the chunks covering
-        ``[offset, offset + length)`` can be cached; clipped to the file's size."""
+        """The range of the layer's file to read for ``[offset, offset + length)``.
+
+        It is widened to whole chunks so they can be cached (clipped to the file's size), and
+        left as it is when the read bypasses the cache.
+        """
         if length > self._bypass:
             return offset, offset + length
         start = offset - offset % DATA_CHUNK

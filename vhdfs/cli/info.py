@@ -61,9 +61,7 @@ def layer_report(image: VhdImage, link: ParentLink | None) -> dict[str, Any]:
             "name": image.header.parent_name,
             "unique_id": image.header.parent_unique_id.hex(),
             "timestamp": image.header.parent_timestamp + VHD_EPOCH,
-            "locators": [
-                loc.platform_name for loc in image.header.locators if not loc.is_empty
-            ],
+            "locators": [loc.platform_name for loc in image.header.locators if not loc.is_empty],
         }
     return report
 

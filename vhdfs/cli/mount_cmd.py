@@ -124,8 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("need at least one IMAGE and a MOUNTPOINT")
     try:
         options = parse_mount_options(args.options)
-        return _mount(args.paths[:-1], args.paths[-1], options, args.foreground or args.debug,
-                      args.debug)
+        return _mount(
+            args.paths[:-1], args.paths[-1], options, args.foreground or args.debug, args.debug
+        )
     except VhdfsError as exc:
         error(PROGRAM, exc)
         return exc.exit_code
@@ -146,9 +147,7 @@ def _check_mountpoint(mountpoint: str, images: list[str]) -> bool:
         raise MountError(mountpoint, f"cannot use as mountpoint: {exc.strerror}") from None
     if stat.S_ISREG(st.st_mode):
         if len(images) != 1:
-            raise UsageError(
-                mountpoint, "a regular-file mountpoint serves exactly one image"
-            )
+            raise UsageError(mountpoint, "a regular-file mountpoint serves exactly one image")
         return True
     if not stat.S_ISDIR(st.st_mode):
         raise MountError(mountpoint, "mountpoint is neither a directory nor a regular file")
@@ -156,9 +155,7 @@ def _check_mountpoint(mountpoint: str, images: list[str]) -> bool:
     for name in set(names):
         clashing = [image for image, n in zip(images, names, strict=True) if n == name]
         if len(clashing) > 1:
-            raise UsageError(
-                None, f"images {', '.join(clashing)} would all be served as {name}"
-            )
+            raise UsageError(None, f"images {', '.join(clashing)} would all be served as {name}")
     return False
 
 
@@ -201,9 +198,7 @@ def _mount(
         try:
             pyfuse3.init(ops, mountpoint, _fuse_options(images, options, debug))
         except RuntimeError:
-            raise MountError(
-                mountpoint, "FUSE refused the mount (see the message above)"
-            ) from None
+            raise MountError(mountpoint, "FUSE refused the mount (see the message above)") from None
     except BaseException:
         for disk in disks:
             disk.chain.close()

@@ -22,9 +22,7 @@ log = logging.getLogger(__name__)
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-async def serve(
-    disks: Sequence[VirtualDisk], on_ready: Callable[[], None] | None = None
-) -> bool:
+async def serve(disks: Sequence[VirtualDisk], on_ready: Callable[[], None] | None = None) -> bool:
     """Serve the mounted file system.
 
     Args:

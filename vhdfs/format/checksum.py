@@ -17,6 +17,4 @@ def vhd_checksum(data: bytes, checksum_offset: int) -> int:
 def with_checksum(data: bytes, checksum_offset: int) -> bytes:
     """Return ``data`` with its checksum field filled in."""
     value = vhd_checksum(data, checksum_offset)
-    return (
-        data[:checksum_offset] + value.to_bytes(4, "big") + data[checksum_offset + 4 :]
-    )
+    return data[:checksum_offset] + value.to_bytes(4, "big") + data[checksum_offset + 4 :]

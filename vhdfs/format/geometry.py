@@ -22,7 +22,7 @@ class Geometry:
 
     @property
     def size(self) -> int:
-        """Bytes addressed by this geometry (C × H × S × 512)."""
+        """Bytes addressed by this geometry (C * H * S * 512)."""
         return self.cylinders * self.heads * self.sectors_per_track * SECTOR
 
     @property

@@ -21,7 +21,6 @@ from vhdfs.format.checksum import vhd_checksum, with_checksum
 from vhdfs.format.geometry import Geometry
 from vhdfs.format.layout import (
     DYNAMIC_HEADER,
-    FIXED_DATA_OFFSET,
     FOOTER,
     FOOTER_CHECKSUM_OFFSET,
     FOOTER_COOKIE,
@@ -71,7 +70,7 @@ class Footer:
 
     @property
     def creator(self) -> str:
-        """Creator application as printable text, e.g. ``'qemu'`` or ``'tap\\x00'``."""
+        """Creator application as printable text, e.g. ``qemu`` or ``tap`` plus a NUL."""
         return self.creator_app.decode("latin-1")
 
     @property
@@ -216,11 +215,11 @@ def parse_footer(raw: bytes, source: str, *, where: str = "footer") -> Footer:
 
 
 def _tap_hidden_checksum_ok(raw: bytes, parsed: Any) -> bool:
-    """blktap 0.1/1.1 set the hidden byte without updating the checksum; blktap accepts it."""
+    """Accept blktap 0.1/1.1 footers: they set the hidden byte without updating the checksum."""
     if parsed.creator_app != b"tap\0" or parsed.creator_version not in (0x00000001, 0x00010001):
         return False
     patched = raw[:FOOTER_HIDDEN_OFFSET] + b"\0" + raw[FOOTER_HIDDEN_OFFSET + 1 :]
-    return vhd_checksum(patched, FOOTER_CHECKSUM_OFFSET) == parsed.checksum
+    return vhd_checksum(patched, FOOTER_CHECKSUM_OFFSET) == int(parsed.checksum)
 
 
 def build_footer(footer: Footer) -> bytes:
@@ -343,4 +342,3 @@ def encode_parent_name(name: str) -> bytes:
     if len(raw) > 512:
         raise ValueError(f"parent name {name!r} is longer than 256 UTF-16 code units")
     return raw.ljust(512, b"\0")
-

@@ -188,9 +188,7 @@ class VhdfsOperations(pyfuse3.Operations):
         data.f_namemax = 255
         return data
 
-    async def getxattr(
-        self, inode: InodeT, name: XAttrNameT, ctx: pyfuse3.RequestContext
-    ) -> bytes:
+    async def getxattr(self, inode: InodeT, name: XAttrNameT, ctx: pyfuse3.RequestContext) -> bytes:
         """``user.vhdfs.pid`` anywhere; ``user.vhdfs.image`` on raw files."""
         if name == _XATTR_PID:
             return str(os.getpid()).encode()
@@ -198,9 +196,7 @@ class VhdfsOperations(pyfuse3.Operations):
             return os.fsencode(self.files[inode].disk.chain.leaf.path)
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
-    async def listxattr(
-        self, inode: InodeT, ctx: pyfuse3.RequestContext
-    ) -> Sequence[XAttrNameT]:
+    async def listxattr(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> Sequence[XAttrNameT]:
         """The extended attributes of ``inode``."""
         names = [XAttrNameT(_XATTR_PID)]
         if inode in self.files:

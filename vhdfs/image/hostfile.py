@@ -66,8 +66,9 @@ class HostFile:
         try:
             data = os.pread(self.fd, length, offset)
         except OSError as exc:
-            raise HostIOError(self.path, f"read of {length} bytes at {offset} failed: "
-                              f"{exc.strerror}") from exc
+            raise HostIOError(
+                self.path, f"read of {length} bytes at {offset} failed: {exc.strerror}"
+            ) from exc
         if len(data) < length:
             # os.pread may return short on signals or huge reads; retry until EOF.
             parts = [data]
@@ -76,8 +77,9 @@ class HostFile:
                 try:
                     more = os.pread(self.fd, length - got, offset + got)
                 except OSError as exc:
-                    raise HostIOError(self.path, f"read at {offset + got} failed: "
-                                      f"{exc.strerror}") from exc
+                    raise HostIOError(
+                        self.path, f"read at {offset + got} failed: {exc.strerror}"
+                    ) from exc
                 if not more:
                     break
                 parts.append(more)
@@ -108,8 +110,9 @@ class HostFile:
             while done < len(view):
                 done += os.pwrite(self.fd, view[done:], offset + done)
         except OSError as exc:
-            raise HostIOError(self.path, f"write of {len(view)} bytes at {offset} failed: "
-                              f"{exc.strerror}") from exc
+            raise HostIOError(
+                self.path, f"write of {len(view)} bytes at {offset} failed: {exc.strerror}"
+            ) from exc
         self.size = max(self.size, offset + len(view))
 
     def fdatasync(self) -> None:
@@ -142,4 +145,3 @@ class HostFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-

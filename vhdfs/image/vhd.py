@@ -13,6 +13,7 @@ the layers above, so a 2 TiB image costs a few kilobytes until it is used.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from array import array
 from dataclasses import dataclass
@@ -172,7 +173,7 @@ class VhdImage:
                 raise CorruptMetadataError(self.path, message)
             self._warn(message + "; the rest reads as zeros")
         header_end = self.footer.data_offset + HEADER_SIZE
-        if table < header_end and table + table_len > self.footer.data_offset or table < SECTOR:
+        if (table < header_end and table + table_len > self.footer.data_offset) or table < SECTOR:
             raise CorruptMetadataError(
                 self.path,
                 f"dynamic header table offset {table} overlaps the footer copy or the header",
@@ -265,8 +266,9 @@ class VhdImage:
         self.allocated_blocks = count
 
     def _check_overlaps(self, starts: array[int], span_sectors: int) -> None:
-        ordered = starts if all(a < b for a, b in zip(starts, starts[1:])) else sorted(starts)
-        for a, b in zip(ordered, ordered[1:]):
+        pairs = itertools.pairwise(starts)
+        ordered = starts if all(a < b for a, b in pairs) else sorted(starts)
+        for a, b in itertools.pairwise(ordered):
             if b - a < span_sectors:
                 raise CorruptMetadataError(
                     self.path,
@@ -344,9 +346,8 @@ def _locate_footer(file: HostFile) -> FooterLocation:
         note = f"trailing footer unusable ({trailing_error.message}); using the copy at offset 0"
         return FooterLocation(copy, 0, size, True, note)
     # Report the most specific problem: a damaged footer beats "no footer at all".
-    if isinstance(trailing_error, NotAVhdError) and copy_error is not None:
-        if not isinstance(copy_error, NotAVhdError):
-            raise copy_error
+    if isinstance(trailing_error, NotAVhdError) and not isinstance(copy_error, NotAVhdError | None):
+        raise copy_error
     raise trailing_error
 
 
