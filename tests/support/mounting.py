@@ -130,6 +130,14 @@ class Mount:
             )
         return status
 
+    def wait_exited(self, timeout: float = 30) -> int | None:
+        """Wait for the daemon to exit by itself (after a signal); return its status."""
+        assert self.pid is not None
+        status = self._wait(self.pid, timeout)
+        if status is not None:
+            self.pid = None
+        return status
+
     def _wait(self, pid: int, timeout: float) -> int | None:
         if self.process is not None:
             try:
