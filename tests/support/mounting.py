@@ -164,3 +164,37 @@ class Mount:
                 self.stop(timeout=30)
             except AssertionError:
                 self._force(pid)
+
+
+def read_with_vhdimount(image: str, mountpoint: str) -> bytes:
+    """The whole disk of ``image`` as libvhdi's vhdimount serves it.
+
+    vhdimount serves one file per layer of a chain, ``vhdi1`` being the base and the highest
+    number the leaf; the leaf is the disk. It runs in the foreground (``-v``) so this function
+    owns its PID; it is always unmounted and waited for, and killed (that PID only) if it does
+    not exit.
+    """
+    process = subprocess.Popen(
+        ["vhdimount", "-v", image, mountpoint],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    raw = os.path.join(mountpoint, "vhdi1")
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(raw):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(
+                    f"vhdimount did not mount {image}: {process.communicate()[1].decode()}"
+                )
+            time.sleep(0.02)
+        names = sorted(os.listdir(mountpoint), key=lambda name: int(name[len("vhdi") :]))
+        with open(os.path.join(mountpoint, names[-1]), "rb") as f:
+            return f.read()
+    finally:
+        subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True)
+        try:
+            process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()

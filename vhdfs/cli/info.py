@@ -95,13 +95,13 @@ def _time(seconds: int) -> str:
 
 
 def render_text(report: dict[str, Any]) -> str:
-    """The report for people."""
+    """The report for people, one aligned block per layer."""
+    blocks = [_layer_rows(layer) for layer in report["layers"]]
+    width = max(len(key) for rows in blocks for key, _ in rows)
     lines = []
-    for depth, layer in enumerate(report["layers"]):
+    for depth, (layer, rows) in enumerate(zip(report["layers"], blocks, strict=True)):
         title = "image" if depth == 0 else f"parent {depth}"
         lines.append(f"{title}: {layer['path']}")
-        rows = _layer_rows(layer)
-        width = max(len(key) for key, _ in rows)
         lines.extend(f"  {key:<{width}}  {value}" for key, value in rows)
     if report["error"]:
         lines.append(f"chain incomplete: {report['error']}")
