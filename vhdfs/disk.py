@@ -70,7 +70,7 @@ class VirtualDisk:
         data = self.cache.cached_data(layer, offset, length)
         if data is not None:
             return data
-        start, stop = self.cache.chunk_span(layer, offset, length)
+        start, stop, cacheable = self.cache.chunk_span(layer, offset, length)
         file = self.chain.layers[layer].file
         raw = await self.hostio.read(file, start, stop - start)
         self._host_reads += 1
@@ -80,7 +80,8 @@ class VirtualDisk:
                 file.path,
                 f"file ended early: read at {offset} returned {len(raw) - skip} of {length} bytes",
             )
-        self.cache.store_data(layer, start, raw)
+        if cacheable:
+            self.cache.store_data(layer, start, raw)
         if skip == 0 and len(raw) == length:
             return raw
         return memoryview(raw)[skip : skip + length]
@@ -95,5 +96,6 @@ class VirtualDisk:
         )
 
     async def aclose(self) -> None:
-        """Release the images."""
+        """Stop the I/O threads and release the images."""
+        self.hostio.close()
         self.chain.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.support.images import Layer, build_chain
-from vhdfs.cache.block_cache import DATA_CHUNK, MIN_CACHE_SIZE, BlockCache
+from vhdfs.cache.block_cache import CACHED_READ_LIMIT, DATA_CHUNK, MIN_CACHE_SIZE, BlockCache
 from vhdfs.cache.lru import ENTRY_OVERHEAD, LruCache
 from vhdfs.image.chain import Chain
 
@@ -45,7 +45,8 @@ def test_block_cache_stays_within_budget(tmp_path: Path) -> None:
         entry = cache.bat_entry(0, 0)
         host = entry * 512 + 512
         for offset in range(0, 8 << 20, DATA_CHUNK):
-            start, stop = cache.chunk_span(0, host + offset, 4096)
+            start, stop, cacheable = cache.chunk_span(0, host + offset, 4096)
+            assert cacheable
             data = chain.leaf.file.pread(start, stop - start)
             cache.store_data(0, start, data)
             assert (
@@ -55,10 +56,11 @@ def test_block_cache_stays_within_budget(tmp_path: Path) -> None:
         stats = cache.statistics()
         assert stats.bytes <= MIN_CACHE_SIZE
         assert stats.evictions > 0
-        # A read bigger than a quarter of the budget is not cached at all.
-        assert cache.chunk_span(0, host + 1, MIN_CACHE_SIZE) == (
+        # A large read is done exactly as asked and not cached at all.
+        assert cache.chunk_span(0, host + 1, CACHED_READ_LIMIT + 1) == (
             host + 1,
-            host + 1 + MIN_CACHE_SIZE,
+            host + 2 + CACHED_READ_LIMIT,
+            False,
         )
     finally:
         chain.close()

@@ -7,9 +7,11 @@ read missing entries from the image synchronously (metadata reads are small and,
 in use, almost always hits).
 
 Data is cached as physical bytes, so a later write only has to patch or drop the chunks it
-overlaps. A single read larger than a quarter of the budget bypasses the cache: a sequential
-scan would otherwise evict everything else and gain nothing, the kernel's page cache already
-holds what it read.
+overlaps. Small reads are widened to whole chunks and cached; a host run longer than
+``CACHED_READ_LIMIT`` is read exactly as asked and not cached. Large reads are sequential
+scans: caching them would evict everything else, costs a copy of every byte (measured: 1 MiB
+reads ran at 2.2 GB/s through the cache and 8.6 GB/s past it, in-process), and the kernel's
+page cache already holds what they read.
 
 Thread safety: used only from the trio thread, and no method awaits, so no lock is needed.
 """
@@ -29,8 +31,11 @@ from vhdfs.image.chain import Chain
 DEFAULT_CACHE_SIZE = 64 << 20
 #: Smallest budget accepted: enough for the metadata of any request.
 MIN_CACHE_SIZE = 1 << 20
-#: Granularity of cached data, in bytes of the host file.
-DATA_CHUNK = 64 << 10
+#: Granularity of cached data, in bytes of the host file. Measured in-process on random 4 KiB
+#: reads: 16 KiB chunks served 37k reads/s, 64 KiB chunks 23k (copying the rest costs).
+DATA_CHUNK = 16 << 10
+#: Host runs longer than this bypass the data cache.
+CACHED_READ_LIMIT = 64 << 10
 
 _BAT = 0
 _BITMAP = 1
@@ -51,7 +56,7 @@ class BlockCache:
         self.chain = chain
         self.layers = chain.layers
         self._lru: LruCache[CacheKey, Any] = LruCache(max_bytes)
-        self._bypass = max_bytes // 4
+        self._bypass = min(CACHED_READ_LIMIT, max_bytes // 4)
 
     # -- metadata (MetaSource) -----------------------------------------------------------
 
@@ -99,22 +104,21 @@ class BlockCache:
             return None
         return joined[skip : skip + length]
 
-    def chunk_span(self, layer: int, offset: int, length: int) -> tuple[int, int]:
+    def chunk_span(self, layer: int, offset: int, length: int) -> tuple[int, int, bool]:
         """The range of the layer's file to read for ``[offset, offset + length)``.
 
-        It is widened to whole chunks so they can be cached (clipped to the file's size), and
-        left as it is when the read bypasses the cache.
+        Returns:
+            ``(start, stop, cacheable)``: a small read is widened to whole chunks (clipped to
+            the file's size) so it can be cached; a large one is left as it is and is not.
         """
         if length > self._bypass:
-            return offset, offset + length
+            return offset, offset + length, False
         start = offset - offset % DATA_CHUNK
         stop = -(-(offset + length) // DATA_CHUNK) * DATA_CHUNK
-        return start, min(stop, max(self.layers[layer].file.size, offset + length))
+        return start, min(stop, max(self.layers[layer].file.size, offset + length)), True
 
     def store_data(self, layer: int, start: int, data: bytes | bytearray) -> None:
-        """Cache ``data`` read at ``start`` (a ``chunk_span``), one chunk at a time."""
-        if start % DATA_CHUNK or len(data) > self._bypass:
-            return
+        """Cache ``data`` read at ``start`` (a cacheable ``chunk_span``), chunk by chunk."""
         first = start // DATA_CHUNK
         for index, pos in enumerate(range(0, len(data), DATA_CHUNK), first):
             chunk = data[pos : pos + DATA_CHUNK]

@@ -44,9 +44,10 @@ mount options (-o, comma-separated, may be repeated; also accepted after the pos
   ro                  read-only (the default; writing is not supported yet)
   cache_size=SIZE     memory for cached metadata and data, e.g. 256M
                       (default {format_size(DEFAULT_CACHE_SIZE)}, minimum 1 MiB)
-  io=auto|inline|thread
-                      where host reads run: auto (default) reads inline what the host page
-                      cache holds and uses a thread for the rest
+  io=inline|auto|thread
+                      where host reads run: inline (default) on the main thread; auto inline
+                      when the host page cache holds the data, else in a worker thread (for
+                      storage that serves parallel reads); thread always in a worker thread
   allow_other, allow_root, auto_unmount, default_permissions, dev, nodev, suid, nosuid,
   exec, noexec, atime, noatime, relatime, fsname=NAME, subtype=NAME
                       passed to FUSE and the kernel

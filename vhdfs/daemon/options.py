@@ -52,7 +52,7 @@ class MountOptions:
 
     read_only: bool = True
     cache_size: int = DEFAULT_CACHE_SIZE
-    io_mode: IoMode = IoMode.AUTO
+    io_mode: IoMode = IoMode.INLINE
     fsname: str | None = None
     subtype: str | None = None
     fuse_flags: list[str] = field(default_factory=list)
