@@ -1,23 +1,36 @@
-"""VirtualDisk: the raw disk of one chain, as async read (and later write) calls.
+"""VirtualDisk: the raw disk of one chain, as async read, write and flush calls.
 
 A read has three steps. Planning is synchronous: the chain maps the range to extents, pulling
-any metadata it lacks through the block cache, with no checkpoint in between, so the plan
-describes one consistent state. Zeros and cached data are answered at once. What remains is one
-host read per contiguous allocated run, done through HostIO, and cached.
+any metadata it lacks through the block cache, and the dirty sectors over the range are taken
+from the write-back layer, all with no checkpoint in between, so the plan and the dirty data
+describe one consistent state. Zeros and cached data are answered at once. What remains is one
+host read per contiguous allocated run, done through HostIO. The dirty sectors go on top.
+
+Writes are whole sectors by the time they reach the write-back layer: the partial sectors at
+either end of a request are first completed with what the disk holds there now (for a
+differencing disk that is the parent's data: the "copy up" the format requires, §12.5).
+The raw file behaves like a block device: its size is fixed, a write starting at or past the
+end fails with ENOSPC and one crossing the end is cut short.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import trio
+
 from vhdfs.cache.block_cache import BlockCache
 from vhdfs.cache.lru import CacheStatistics
-from vhdfs.errors import HostIOError
+from vhdfs.cache.writeback import WriteBack, WriteBackStatistics
+from vhdfs.errors import HostIOError, NoSpaceError, ReadOnlyError
+from vhdfs.format.layout import SECTOR
 from vhdfs.hostio import HostIO
 from vhdfs.image.chain import ZEROS, Chain
 
 _ZERO_BLOCK = bytes(1 << 20)
 _ZERO_VIEW = memoryview(_ZERO_BLOCK)
+
+Buffer = bytes | bytearray | memoryview
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +40,10 @@ class DiskStatistics:
     reads: int
     bytes_read: int
     host_reads: int
+    writes: int
+    bytes_written: int
     cache: CacheStatistics
+    writeback: WriteBackStatistics | None
 
 
 class VirtualDisk:
@@ -36,37 +52,55 @@ class VirtualDisk:
     Args:
         chain: The opened images.
         cache: Cache over the chain's layers.
-        hostio: Where host reads run.
+        hostio: Where host reads (and syncs) run.
+        writeback: The write-back layer of a writable disk; ``None`` makes it read-only.
     """
 
-    def __init__(self, chain: Chain, cache: BlockCache, hostio: HostIO) -> None:
+    def __init__(
+        self,
+        chain: Chain,
+        cache: BlockCache,
+        hostio: HostIO,
+        writeback: WriteBack | None = None,
+    ) -> None:
         self.chain = chain
         self.cache = cache
         self.hostio = hostio
+        self.writeback = writeback
         self.size = chain.virtual_size
-        self.read_only = not chain.leaf.file.writable
+        self.read_only = writeback is None
+        self._write_lock = trio.Lock()
         self._reads = 0
         self._bytes_read = 0
         self._host_reads = 0
+        self._writes = 0
+        self._bytes_written = 0
 
-    async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+    # -- reading -------------------------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> Buffer:
         """Up to ``length`` bytes at ``offset``; shorter only at the end of the disk."""
+        length = max(0, min(length, self.size - offset))
         plan = self.chain.plan_read(offset, length, self.cache)
+        patches = self.writeback.patches(offset, length) if self.writeback else []
         self._reads += 1
-        parts: list[bytes | bytearray | memoryview] = []
+        parts: list[Buffer] = []
         for _start, count, layer, host in plan:
             if layer == ZEROS:
                 parts.append(_ZERO_VIEW[:count] if count <= len(_ZERO_BLOCK) else bytes(count))
             else:
                 parts.append(await self._read_layer(layer, host, count))
-        self._bytes_read += sum(len(p) for p in parts)
+        self._bytes_read += length
+        if patches:
+            merged = bytearray().join(parts)
+            for start, data in patches:
+                merged[start - offset : start - offset + len(data)] = data
+            return merged
         if len(parts) == 1:
             return parts[0]
         return b"".join(parts)
 
-    async def _read_layer(
-        self, layer: int, offset: int, length: int
-    ) -> bytes | bytearray | memoryview:
+    async def _read_layer(self, layer: int, offset: int, length: int) -> Buffer:
         data = self.cache.cached_data(layer, offset, length)
         if data is not None:
             return data
@@ -86,16 +120,62 @@ class VirtualDisk:
             return raw
         return memoryview(raw)[skip : skip + length]
 
+    # -- writing -------------------------------------------------------------------------
+
+    async def write(self, offset: int, data: Buffer) -> int:
+        """Write ``data`` at ``offset``; return how many bytes were written.
+
+        Raises:
+            ReadOnlyError: The disk is read-only.
+            NoSpaceError: ``offset`` is at or past the end of the disk.
+        """
+        if self.writeback is None:
+            raise ReadOnlyError(self.chain.leaf.path, "the disk is mounted read-only")
+        if offset >= self.size and len(data):
+            raise NoSpaceError(
+                self.chain.leaf.path, f"write at {offset} is past the end of the disk"
+            )
+        view = memoryview(data)[: self.size - offset]
+        end = offset + len(view)
+        async with self._write_lock:
+            head = offset % SECTOR
+            tail = -end % SECTOR
+            if head or tail:
+                start, stop = offset - head, end + tail
+                sectors = bytearray(stop - start)
+                if head:
+                    sectors[:SECTOR] = await self.read(start, SECTOR)
+                if tail and (stop - SECTOR >= start + SECTOR or not head):
+                    sectors[-SECTOR:] = await self.read(stop - SECTOR, SECTOR)
+                sectors[head : head + len(view)] = view
+                await self.writeback.store(start, sectors)
+            else:
+                await self.writeback.store(offset, view)
+        self._writes += 1
+        self._bytes_written += len(view)
+        return len(view)
+
+    async def flush(self, *, durable: bool) -> None:
+        """Write dirty data to the image; with ``durable``, also sync the image file."""
+        if self.writeback is not None:
+            await self.writeback.flush(durable=durable)
+
     def statistics(self) -> DiskStatistics:
         """Current counters."""
         return DiskStatistics(
             reads=self._reads,
             bytes_read=self._bytes_read,
             host_reads=self._host_reads,
+            writes=self._writes,
+            bytes_written=self._bytes_written,
             cache=self.cache.statistics(),
+            writeback=self.writeback.statistics() if self.writeback else None,
         )
 
     async def aclose(self) -> None:
-        """Stop the I/O threads and release the images."""
-        self.hostio.close()
-        self.chain.close()
+        """Write everything out durably, stop the I/O threads and release the images."""
+        try:
+            await self.flush(durable=True)
+        finally:
+            self.hostio.close()
+            self.chain.close()

@@ -60,6 +60,10 @@ class ImageError(VhdfsError):
     exit_code = ExitCode.BAD_IMAGE
 
 
+class ImageAccessError(ImageError):
+    """The image file cannot be opened at all (missing, permissions, not a regular file)."""
+
+
 class NotAVhdError(ImageError):
     """The file is not a VHD at all (no ``conectix`` footer anywhere)."""
 
@@ -122,9 +126,25 @@ class ReadOnlyError(VhdfsError):
 
 
 class HostIOError(VhdfsError):
-    """A read or write of the host file failed."""
+    """A read, write or sync of the host file failed.
+
+    ``errno`` is the host's own (ENOSPC stays ENOSPC for the guest), EIO when there is none.
+    """
 
     exit_code = ExitCode.IO_ERROR
+
+    def __init__(
+        self, path: str | os.PathLike[str] | None, message: str, errno: int | None = None
+    ) -> None:
+        if errno is not None:
+            self.errno = errno
+        super().__init__(path, message)
+
+
+class NoSpaceError(VhdfsError):
+    """A write beyond the end of the virtual disk, or no room left for a new block."""
+
+    errno = _errno.ENOSPC
 
 
 class MountError(VhdfsError):

@@ -144,12 +144,18 @@ class HostIO:
                 # The host file system cannot tell; fall back to plain threads for good.
                 self.mode = IoMode.THREAD
                 return 0
-            raise HostIOError(file.path, f"read at {offset} failed: {exc.strerror}") from exc
+            raise HostIOError(
+                file.path, f"read at {offset} failed: {exc.strerror}", exc.errno
+            ) from exc
 
     async def _in_thread(self, file: HostFile, offset: int, length: int) -> bytes:
         self.thread_reads += 1
         data: bytes = await self._pool.run(file.pread, offset, length)
         return data
+
+    async def sync(self, file: HostFile) -> None:
+        """``fdatasync`` the file in a worker thread (it can take long)."""
+        await self._pool.run(file.fdatasync)
 
     def close(self) -> None:
         """Stop the worker threads."""

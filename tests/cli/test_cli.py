@@ -33,6 +33,7 @@ def vhd(*args: str | Path) -> subprocess.CompletedProcess[str]:
         (["vhd", "--help"], "vhd-help.txt"),
         (["vhd", "info", "--help"], "vhd-info-help.txt"),
         (["vhd", "create", "--help"], "vhd-create-help.txt"),
+        (["vhd", "check", "--help"], "vhd-check-help.txt"),
     ],
 )
 def test_help_matches_golden_copy(argv: list[str], golden: str) -> None:

@@ -124,6 +124,24 @@ class BlockCache:
             chunk = data[pos : pos + DATA_CHUNK]
             self._lru.put((layer, _DATA, index), chunk, len(chunk))
 
+    # -- keeping the cache right as the write path changes the file -----------------------
+
+    def set_bat_entry(self, layer: int, block: int, entry: int) -> None:
+        """Record a BAT entry just written to the file (if its page is cached)."""
+        page_no, slot = divmod(block, BAT_PAGE_ENTRIES)
+        page: array[int] | None = self._lru.peek((layer, _BAT, page_no))
+        if page is not None:
+            page[slot] = entry
+
+    def put_bitmap(self, layer: int, block: int, bitmap: SectorBitmap) -> None:
+        """Cache the bitmap of a block just allocated."""
+        self._lru.put((layer, _BITMAP, block), bitmap, len(bitmap.raw) + len(bitmap.bits))
+
+    def invalidate_data(self, layer: int, start: int, end: int) -> None:
+        """Forget cached data chunks overlapping ``[start, end)`` of the layer's file."""
+        for index in range(start // DATA_CHUNK, (end - 1) // DATA_CHUNK + 1):
+            self._lru.discard((layer, _DATA, index))
+
     def statistics(self) -> CacheStatistics:
         """Counters of the underlying LRU."""
         return self._lru.statistics()

@@ -55,6 +55,11 @@ class LruCache(Generic[K, V]):
         self.hits += 1
         return item[0]
 
+    def peek(self, key: K) -> V | None:
+        """Return the value for ``key`` without touching its age or the counters."""
+        item = self._items.get(key)
+        return None if item is None else item[0]
+
     def put(self, key: K, value: V, size: int) -> None:
         """Insert or replace ``key``, then evict old entries until the budget holds.
 

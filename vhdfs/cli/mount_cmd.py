@@ -20,15 +20,25 @@ import trio
 
 from vhdfs import __version__
 from vhdfs.cache.block_cache import DEFAULT_CACHE_SIZE, BlockCache
+from vhdfs.cache.writeback import WriteBack
 from vhdfs.cli.output import error, log_to_syslog, setup_logging
 from vhdfs.daemon.daemonize import StartupPipe, detach
+from vhdfs.daemon.mounts import mount_of
 from vhdfs.daemon.options import MountOptions, escape_fuse_value, parse_mount_options
 from vhdfs.daemon.serve import serve
 from vhdfs.disk import VirtualDisk
-from vhdfs.errors import ExitCode, MountError, UsageError, VhdfsError
+from vhdfs.errors import (
+    ExitCode,
+    ImageBusyError,
+    ImageError,
+    MountError,
+    UsageError,
+    VhdfsError,
+)
 from vhdfs.fuse.operations import RawFile, VhdfsOperations
 from vhdfs.hostio import HostIO
 from vhdfs.image.chain import Chain
+from vhdfs.image.create import create_differencing
 from vhdfs.units import format_size
 
 log = logging.getLogger(__name__)
@@ -36,12 +46,21 @@ PROGRAM = "vhdfs"
 
 _DESCRIPTION = """\
 Mount Microsoft VHD disk images (fixed, dynamic and differencing, with parent chains of any
-depth) as raw disk files. The command returns once the mount is ready and leaves a daemon
-serving it; unmount with fusermount3 -u (or umount as root) to end the daemon."""
+depth) as raw disk files, read-write. The command returns once the mount is ready and leaves a
+daemon serving it; unmount with fusermount3 -u (or umount as root) to end the daemon."""
 
 _EPILOG = f"""\
 mount options (-o, comma-separated, may be repeated; also accepted after the positionals):
-  ro                  read-only (the default; writing is not supported yet)
+  rw                  read-write, the default; an image you cannot write, or one unsafe to
+                      write (saved state, damaged footer), is then mounted read-only with a
+                      warning, unless rw is given explicitly: then the mount is refused
+  ro                  read-only
+  overlay=PATH        write into the differencing image PATH on top of IMAGE (created if
+                      missing; reused if its parent is IMAGE); IMAGE itself is never written
+  writeback=SECONDS   written data waits in memory at most this long before it is written
+                      to the image (default 5); 0 writes through
+  sync                the same as writeback=0: a write returns once it is in the image, synced
+  dirty_limit=SIZE    most written data held in memory; writers wait above it (default 64M)
   cache_size=SIZE     memory for cached metadata and data, e.g. 256M
                       (default {format_size(DEFAULT_CACHE_SIZE)}, minimum 1 MiB)
   io=inline|auto|thread
@@ -54,6 +73,12 @@ mount options (-o, comma-separated, may be repeated; also accepted after the pos
   defaults, auto, noauto, user, users, nofail, _netdev, x-*, comment=
                       fstab words, accepted and ignored
 
+when written data is in the image:
+  close() of the raw file returns   written into the image file (survives the daemon)
+  fsync()/fdatasync() returns       written and synced (survives a power cut)
+  after writeback seconds, at unmount, on SIGTERM
+  the image stays valid for every other tool at every instant, crashes included
+
 the mountpoint:
   a directory         holds one NAME.raw per IMAGE (NAME is the image file name without
                       .vhd), sized to the virtual disk
@@ -64,11 +89,12 @@ examples:
   losetup -r -P --show -f /mnt/disk/disk.raw  # partitions appear as /dev/loopNpM
   mount -o ro /dev/loop0p1 /mnt/guest
   vhdfs snapshot.vhd /srv/vm.raw              # regular-file mountpoint
+  vhdfs -o overlay=/tmp/try.vhd golden.vhd /mnt/try   # golden.vhd stays untouched
   vhdfs -f -o cache_size=256M a.vhd b.vhd /mnt/disks
   fusermount3 -u /mnt/disk                    # unmount; the daemon exits
 
   in /etc/fstab:
-  /srv/images/disk.vhd  /mnt/disk  fuse.vhdfs  ro,allow_other,nofail  0  0
+  /srv/images/disk.vhd  /mnt/disk  fuse.vhdfs  rw,allow_other,nofail  0  0
 
 exit status:
   0  mounted (or, with -f, unmounted cleanly)
@@ -160,13 +186,54 @@ def _check_mountpoint(mountpoint: str, images: list[str]) -> bool:
     return False
 
 
+def _open_chain(path: str, writable: bool) -> Chain:
+    """Open a chain; if it is locked, say which vhdfs mount holds it when we can tell."""
+    try:
+        return Chain.open(path, writable=writable)
+    except ImageBusyError as exc:
+        holder = mount_of(exc.path or path)
+        if holder is None:
+            raise
+        raise ImageBusyError(exc.path, f"in use by the vhdfs mount at {holder}") from None
+
+
+def _open_disk(path: str, options: MountOptions) -> VirtualDisk:
+    """Open one image for a mount, read-write unless asked or forced otherwise.
+
+    A default (implicit ``rw``) mount falls back to read-only, with a warning, for an image the
+    user cannot write or one that is unsafe to write; an explicit ``-o rw`` refuses instead.
+    """
+    writable = not options.read_only
+    if writable and not os.access(path, os.W_OK):
+        _cannot_write(path, options, "you cannot write to it")
+        writable = False
+    chain = _open_chain(path, writable)
+    if writable and (problem := chain.leaf.write_problem()) is not None:
+        chain.close()
+        _cannot_write(path, options, problem)
+        writable = False
+        chain = _open_chain(path, writable)
+    cache = BlockCache(chain, options.cache_size)
+    hostio = HostIO(options.io_mode)
+    writeback = None
+    if writable:
+        writeback = WriteBack(
+            chain, cache, hostio, interval=options.writeback, dirty_limit=options.dirty_limit
+        )
+    return VirtualDisk(chain, cache, hostio, writeback)
+
+
+def _cannot_write(path: str, options: MountOptions, reason: str) -> None:
+    if options.explicit_rw:
+        raise ImageError(path, f"cannot mount read-write: {reason} (mount it with -o ro)")
+    log.warning("%s: %s; mounting it read-only", path, reason)
+
+
 def _open_disks(images: list[str], options: MountOptions) -> list[VirtualDisk]:
     disks: list[VirtualDisk] = []
     try:
         for image in images:
-            chain = Chain.open(os.path.abspath(image), writable=not options.read_only)
-            cache = BlockCache(chain, options.cache_size)
-            disks.append(VirtualDisk(chain, cache, HostIO(options.io_mode)))
+            disks.append(_open_disk(os.path.abspath(image), options))
     except BaseException:
         for disk in disks:
             disk.chain.close()
@@ -174,11 +241,38 @@ def _open_disks(images: list[str], options: MountOptions) -> list[VirtualDisk]:
     return disks
 
 
-def _fuse_options(images: list[str], options: MountOptions, debug: bool) -> set[str]:
-    fuse = set(pyfuse3.default_options) | set(options.fuse_flags)
-    fuse.add("fsname=" + escape_fuse_value(options.fsname or os.path.abspath(images[0])))
-    fuse.add("subtype=" + escape_fuse_value(options.subtype or PROGRAM))
+def _prepare_overlay(images: list[str], options: MountOptions) -> tuple[str, bool]:
+    """Create the overlay of ``-o overlay=`` if it does not exist.
+
+    Returns:
+        Its path, and whether it was created (so that a failed mount can remove it again).
+    """
+    if len(images) != 1:
+        raise UsageError(None, "overlay= takes exactly one IMAGE")
     if options.read_only:
+        raise UsageError(None, "overlay= mounts the overlay read-write; drop ro")
+    assert options.overlay is not None
+    overlay = os.path.abspath(options.overlay)
+    if os.path.lexists(overlay):
+        return overlay, False
+    create_differencing(overlay, os.path.abspath(images[0]))
+    log.info("created overlay %s on %s", overlay, images[0])
+    return overlay, True
+
+
+def _check_overlay_parent(disk: VirtualDisk, image: str) -> None:
+    layers = disk.chain.layers
+    base = os.stat(image)
+    if len(layers) < 2 or not os.path.samestat(os.fstat(layers[1].file.fd), base):
+        parent = layers[1].path if len(layers) > 1 else "nothing"
+        raise UsageError(layers[0].path, f"overlay is a child of {parent}, not of {image}")
+
+
+def _fuse_options(disks: list[VirtualDisk], options: MountOptions, debug: bool) -> set[str]:
+    fuse = set(pyfuse3.default_options) | set(options.fuse_flags)
+    fuse.add("fsname=" + escape_fuse_value(options.fsname or disks[0].chain.leaf.path))
+    fuse.add("subtype=" + escape_fuse_value(options.subtype or PROGRAM))
+    if all(disk.read_only for disk in disks):
         fuse.add("ro")
     if debug:
         fuse.add("debug")
@@ -189,7 +283,42 @@ def _mount(
     images: list[str], mountpoint: str, options: MountOptions, foreground: bool, debug: bool
 ) -> int:
     single_file = _check_mountpoint(mountpoint, images)
-    disks = _open_disks(images, options)
+    created: str | None = None
+    try:
+        if options.overlay is not None:
+            overlay, was_created = _prepare_overlay(images, options)
+            created = overlay if was_created else None
+            options.explicit_rw = True
+            disks = _open_disks([overlay], options)
+            _check_overlay_parent_or_close(disks, os.path.abspath(images[0]))
+        else:
+            disks = _open_disks(images, options)
+        _start(images, disks, mountpoint, options, single_file, debug)
+    except BaseException:
+        if created is not None:
+            os.unlink(created)
+        raise
+    pipe = None if foreground else detach(os.path.abspath(mountpoint))
+    return _run(disks, pipe)
+
+
+def _check_overlay_parent_or_close(disks: list[VirtualDisk], image: str) -> None:
+    try:
+        _check_overlay_parent(disks[0], image)
+    except BaseException:
+        disks[0].chain.close()
+        raise
+
+
+def _start(
+    images: list[str],
+    disks: list[VirtualDisk],
+    mountpoint: str,
+    options: MountOptions,
+    single_file: bool,
+    debug: bool,
+) -> None:
+    """Build the file system and mount it (``pyfuse3.init``); close the disks on failure."""
     try:
         files = [
             RawFile(raw_name(image), disk, os.stat(disk.chain.leaf.path))
@@ -197,15 +326,13 @@ def _mount(
         ]
         ops = VhdfsOperations(files, single_file=single_file, root_stat=os.stat(mountpoint))
         try:
-            pyfuse3.init(ops, mountpoint, _fuse_options(images, options, debug))
+            pyfuse3.init(ops, mountpoint, _fuse_options(disks, options, debug))
         except RuntimeError:
             raise MountError(mountpoint, "FUSE refused the mount (see the message above)") from None
     except BaseException:
         for disk in disks:
             disk.chain.close()
         raise
-    pipe = None if foreground else detach(os.path.abspath(mountpoint))
-    return _run(disks, pipe)
 
 
 def _run(disks: list[VirtualDisk], pipe: StartupPipe | None) -> int:
@@ -216,6 +343,10 @@ def _run(disks: list[VirtualDisk], pipe: StartupPipe | None) -> int:
 
     try:
         stopped_by_signal = trio.run(serve, disks, on_ready)
+    except VhdfsError as exc:
+        # The final write-out failed; serve has logged which disk. The mount is finished.
+        pyfuse3.close(unmount=True)
+        return exc.exit_code
     except BaseException as exc:
         if pipe is not None:
             pipe.failed(f"the daemon failed during start-up: {exc!r}", ExitCode.FAILURE)

@@ -7,15 +7,16 @@ kernel handshake (``max_read=``), so only the set below is ever passed on.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 from vhdfs.cache.block_cache import DEFAULT_CACHE_SIZE, MIN_CACHE_SIZE
+from vhdfs.cache.writeback import DEFAULT_DIRTY_LIMIT, DEFAULT_INTERVAL
 from vhdfs.errors import UsageError
 from vhdfs.hostio import IoMode
 from vhdfs.units import format_size, parse_size
 
-log = logging.getLogger(__name__)
+#: Smallest ``dirty_limit``: one maximal FUSE write must fit.
+MIN_DIRTY_LIMIT = 1 << 20
 
 #: Flags libfuse 3.14 accepts and hands to the kernel or the session unchanged.
 PASS_THROUGH_FLAGS = frozenset(
@@ -50,8 +51,13 @@ IGNORED_FLAGS = frozenset(
 class MountOptions:
     """What the ``-o`` options asked for."""
 
-    read_only: bool = True
+    read_only: bool = False
+    #: ``rw`` was given explicitly: refuse rather than fall back to read-only.
+    explicit_rw: bool = False
     cache_size: int = DEFAULT_CACHE_SIZE
+    writeback: float = DEFAULT_INTERVAL
+    dirty_limit: int = DEFAULT_DIRTY_LIMIT
+    overlay: str | None = None
     io_mode: IoMode = IoMode.INLINE
     fsname: str | None = None
     subtype: str | None = None
@@ -81,9 +87,12 @@ def _apply(options: MountOptions, item: str) -> None:
         _apply_value(options, key, value)
     elif key == "ro":
         options.read_only = True
+        options.explicit_rw = False
     elif key == "rw":
-        log.warning("writing is not supported yet; mounting read-only")
-        options.read_only = True
+        options.read_only = False
+        options.explicit_rw = True
+    elif key == "sync":
+        options.writeback = 0.0
     elif key in PASS_THROUGH_FLAGS:
         if key not in options.fuse_flags:
             options.fuse_flags.append(key)
@@ -93,15 +102,21 @@ def _apply(options: MountOptions, item: str) -> None:
 
 def _apply_value(options: MountOptions, key: str, value: str) -> None:
     if key == "cache_size":
+        options.cache_size = _size_value(key, value, MIN_CACHE_SIZE)
+    elif key == "dirty_limit":
+        options.dirty_limit = _size_value(key, value, MIN_DIRTY_LIMIT)
+    elif key == "writeback":
         try:
-            size = parse_size(value)
-        except ValueError as exc:
-            raise UsageError(None, f"cache_size: {exc}") from None
-        if size < MIN_CACHE_SIZE:
-            raise UsageError(
-                None, f"cache_size {value} is below the minimum {format_size(MIN_CACHE_SIZE)}"
-            )
-        options.cache_size = size
+            seconds = float(value)
+        except ValueError:
+            seconds = -1.0
+        if not 0 <= seconds <= 86400:
+            raise UsageError(None, f"writeback={value}: expected seconds from 0 to 86400")
+        options.writeback = seconds
+    elif key == "overlay":
+        if not value:
+            raise UsageError(None, "overlay= needs the path of the overlay image")
+        options.overlay = value
     elif key == "io":
         try:
             options.io_mode = IoMode(value)
@@ -114,6 +129,16 @@ def _apply_value(options: MountOptions, key: str, value: str) -> None:
         options.subtype = value
     else:
         raise UsageError(None, f"unknown mount option '{key}={value}' (see vhdfs --help)")
+
+
+def _size_value(key: str, value: str, minimum: int) -> int:
+    try:
+        size = parse_size(value)
+    except ValueError as exc:
+        raise UsageError(None, f"{key}: {exc}") from None
+    if size < minimum:
+        raise UsageError(None, f"{key} {value} is below the minimum {format_size(minimum)}")
+    return size
 
 
 def escape_fuse_value(text: str) -> str:

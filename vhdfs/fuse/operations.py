@@ -158,19 +158,44 @@ class VhdfsOperations(pyfuse3.Operations):
             return await self._file(fh).disk.read(off, size)  # type: ignore[return-value]
 
     async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
-        """Writes are not supported by read-only disks."""
+        """Write to the virtual disk (acknowledged once held by the write-back layer)."""
         with fuse_errors("write"):
-            self._file(fh)
-            raise pyfuse3.FUSEError(errno.EROFS)
+            return await self._file(fh).disk.write(off, buf)
 
     async def flush(self, fh: FileHandleT) -> None:
-        """Called on every close(); nothing is buffered for a read-only disk."""
+        """Every close(): the disk's dirty data goes into the image before close returns."""
+        with fuse_errors("flush"):
+            await self._file(fh).disk.flush(durable=False)
 
     async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
-        """Nothing is buffered for a read-only disk."""
+        """fsync/fdatasync: dirty data into the image, and the image file synced."""
+        with fuse_errors("fsync"):
+            await self._file(fh).disk.flush(durable=True)
 
     async def release(self, fh: FileHandleT) -> None:
-        """Last close of a handle."""
+        """Last close of a handle; ``flush`` has already written its data."""
+
+    async def setattr(
+        self,
+        inode: InodeT,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: FileHandleT | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        """Refuse changes of size, owner and mode; accept and ignore time stamp updates.
+
+        A raw disk's size is fixed, as a block device's is (EPERM).
+        """
+        with fuse_errors("setattr"):
+            if fields.update_mode or fields.update_uid or fields.update_gid:
+                raise pyfuse3.FUSEError(errno.EPERM)
+            if fields.update_size:
+                raw = self.files.get(inode)
+                if raw is None or attr.st_size != raw.disk.size:
+                    read_only = raw is not None and raw.disk.read_only
+                    raise pyfuse3.FUSEError(errno.EROFS if read_only else errno.EPERM)
+            return self._attributes(inode)
 
     # -- file system -----------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import stat
 import struct
 from typing import Self
 
-from vhdfs.errors import HostIOError, ImageBusyError, ImageError, TruncatedImageError
+from vhdfs.errors import HostIOError, ImageAccessError, ImageBusyError, TruncatedImageError
 
 
 class HostFile:
@@ -40,13 +40,14 @@ class HostFile:
         """Open ``path`` read-only or read-write.
 
         Raises:
-            ImageError: The file does not exist, is not a regular file or cannot be opened.
+            ImageAccessError: The file does not exist, is not a regular file or cannot be
+                opened.
         """
         flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
         try:
             fd = os.open(path, flags)
         except OSError as exc:
-            raise ImageError(path, f"cannot open: {exc.strerror}") from exc
+            raise ImageAccessError(path, f"cannot open: {exc.strerror}") from exc
         try:
             st = os.fstat(fd)
             if stat.S_ISBLK(st.st_mode):
@@ -55,7 +56,7 @@ class HostFile:
             elif stat.S_ISREG(st.st_mode):
                 size = st.st_size
             else:
-                raise ImageError(path, "not a regular file or block device")
+                raise ImageAccessError(path, "not a regular file or block device")
         except BaseException:
             os.close(fd)
             raise
@@ -67,7 +68,7 @@ class HostFile:
             data = os.pread(self.fd, length, offset)
         except OSError as exc:
             raise HostIOError(
-                self.path, f"read of {length} bytes at {offset} failed: {exc.strerror}"
+                self.path, f"read of {length} bytes at {offset} failed: {exc.strerror}", exc.errno
             ) from exc
         if len(data) < length:
             # os.pread may return short on signals or huge reads; retry until EOF.
@@ -78,7 +79,7 @@ class HostFile:
                     more = os.pread(self.fd, length - got, offset + got)
                 except OSError as exc:
                     raise HostIOError(
-                        self.path, f"read at {offset + got} failed: {exc.strerror}"
+                        self.path, f"read at {offset + got} failed: {exc.strerror}", exc.errno
                     ) from exc
                 if not more:
                     break
@@ -106,21 +107,24 @@ class HostFile:
         """Write all of ``data`` at ``offset``."""
         view = memoryview(data)
         done = 0
-        try:
-            while done < len(view):
+        while done < len(view):
+            try:
                 done += os.pwrite(self.fd, view[done:], offset + done)
-        except OSError as exc:
-            raise HostIOError(
-                self.path, f"write of {len(view)} bytes at {offset} failed: {exc.strerror}"
-            ) from exc
-        self.size = max(self.size, offset + len(view))
+            except OSError as exc:
+                raise HostIOError(
+                    self.path,
+                    f"write of {len(view)} bytes at {offset} failed: {exc.strerror}",
+                    exc.errno,
+                ) from exc
+            finally:
+                self.size = max(self.size, offset + done)
 
     def fdatasync(self) -> None:
         """Make written data (and the file length) durable."""
         try:
             os.fdatasync(self.fd)
         except OSError as exc:
-            raise HostIOError(self.path, f"fdatasync failed: {exc.strerror}") from exc
+            raise HostIOError(self.path, f"fdatasync failed: {exc.strerror}", exc.errno) from exc
 
     def lock(self, *, exclusive: bool) -> None:
         """Take a whole-file OFD lock without waiting.
@@ -138,7 +142,7 @@ class HostFile:
                 raise ImageBusyError(
                     self.path, f"cannot lock for {mode}: the image is in use by another program"
                 ) from exc
-            raise HostIOError(self.path, f"cannot lock: {exc.strerror}") from exc
+            raise HostIOError(self.path, f"cannot lock: {exc.strerror}", exc.errno) from exc
 
     def close(self) -> None:
         """Close the descriptor (idempotent); this also drops its locks."""

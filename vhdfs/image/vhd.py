@@ -23,6 +23,7 @@ from vhdfs.errors import (
     CorruptMetadataError,
     FormatError,
     ImageError,
+    NoSpaceError,
     NotAVhdError,
     TruncatedImageError,
     UnsupportedImageError,
@@ -60,6 +61,8 @@ class FooterLocation:
     trailing_offset: int
     #: True when the copy at offset 0 exists and equals the footer used.
     copy_matches: bool
+    #: The footer exactly as stored (512 bytes), rewritten verbatim when it moves.
+    raw: bytes = b""
     #: A problem worth a warning once the image has opened (a footer copy was used...).
     note: str | None = None
 
@@ -86,6 +89,7 @@ class VhdImage:
         self.trailing_footer_length = location.trailing_length
         self.trailing_footer_offset = location.trailing_offset
         self.footer_copy_matches = location.copy_matches
+        self.footer_raw = location.raw
         #: Current size rounded down to whole sectors (§13.2).
         self.virtual_size = footer.current_size - footer.current_size % SECTOR
         self.warnings: list[str] = [location.note] if location.note else []
@@ -107,6 +111,8 @@ class VhdImage:
         self.meta_end = 0
         self.data_end = 0
         self.allocated_blocks = 0
+        #: Where the next block may start (§11.2): past metadata, data and the footer.
+        self.next_free = 0
 
     # -- opening -------------------------------------------------------------------------
 
@@ -264,6 +270,8 @@ class VhdImage:
         self._check_overlaps(starts, span_sectors)
         self.data_end = data_end
         self.allocated_blocks = count
+        free = max(self.meta_end, data_end, self.trailing_footer_offset)
+        self.next_free = -(-free // SECTOR) * SECTOR
 
     def _check_overlaps(self, starts: array[int], span_sectors: int) -> None:
         pairs = itertools.pairwise(starts)
@@ -313,9 +321,83 @@ class VhdImage:
         """File offset of the first data byte of the block whose BAT entry is ``entry``."""
         return entry * SECTOR + self.bitmap_size
 
+    # -- writing -------------------------------------------------------------------------
+
+    def write_problem(self) -> str | None:
+        """Why writing to this image would be unsafe, or ``None`` when it is safe."""
+        if self.footer.saved_state:
+            return (
+                "footer saved state is set: a Virtual PC virtual machine was saved with this "
+                "disk, and writing would make its saved memory disagree with the disk"
+            )
+        if self.kind == DiskType.FIXED:
+            return None
+        if not self.trailing_footer_length:
+            return "the trailing footer is missing or damaged; only the copy at offset 0 is valid"
+        if not self.footer_copy_matches:
+            return "the footer copy at offset 0 differs from the trailing footer"
+        assert self.header is not None
+        if self.header.max_table_entries * self.block_size < self.virtual_size:
+            return "the BAT has fewer entries than the disk has blocks"
+        return None
+
+    def reserve_block(self, block: int) -> Allocation:
+        """Reserve room for block ``block`` at the end of the file (format reference §11.2).
+
+        The block's data starts on a 4 KiB boundary past everything the file holds, so it never
+        reuses space that might hold stale bytes. The room stays reserved even if writing the
+        block fails (it is then leaked, never reused). Call ``commit_allocation`` once the BAT
+        entry is written.
+
+        Raises:
+            NoSpaceError: The block would start beyond what a 32-bit BAT entry can address.
+        """
+        data = -(-(self.next_free + self.bitmap_size) // 4096) * 4096
+        start = data - self.bitmap_size
+        entry = start // SECTOR
+        if entry >= UNALLOCATED:
+            raise NoSpaceError(
+                self.path,
+                f"no room for block {block}: it would start at sector {entry}, beyond the last "
+                "sector a BAT entry can address",
+            )
+        allocation = Allocation(
+            block=block,
+            entry=entry,
+            zero_from=self.next_free,
+            zero_to=self.file.size,
+            bitmap_offset=start,
+            data_offset=data,
+            end=data + self.block_size,
+        )
+        self.next_free = allocation.end
+        return allocation
+
+    def commit_allocation(self, allocation: Allocation) -> None:
+        """Account for a block whose BAT entry now points at it."""
+        self.data_end = max(self.data_end, allocation.end)
+        self.allocated_blocks += 1
+
     def close(self) -> None:
         """Close the host file."""
         self.file.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Allocation:
+    """The placement of a new block (all offsets in bytes of the file)."""
+
+    block: int
+    #: The BAT entry: the sector of the block's bitmap.
+    entry: int
+    #: Old bytes past the data (the old trailing footer) that the new block covers: they are
+    #: overwritten with zeros, because unwritten sectors of a block must read as zeros.
+    zero_from: int
+    zero_to: int
+    bitmap_offset: int
+    data_offset: int
+    #: End of the block, where the trailing footer moves.
+    end: int
 
 
 def _locate_footer(file: HostFile) -> FooterLocation:
@@ -328,9 +410,8 @@ def _locate_footer(file: HostFile) -> FooterLocation:
         raise UnsupportedImageError(file.path, "this is a VHDX image; only VHD is supported")
     trailing_length = OLD_FOOTER_SIZE if size % SECTOR == OLD_FOOTER_SIZE else FOOTER_SIZE
     trailing_offset = size - trailing_length
-    trailing, trailing_error = _try_footer(
-        file, file.pread(trailing_offset, trailing_length), "footer"
-    )
+    trailing_raw = file.pread(trailing_offset, trailing_length).ljust(FOOTER_SIZE, b"\0")
+    trailing, trailing_error = _try_footer(file, trailing_raw, "footer")
     copy, copy_error = None, None
     if trailing_offset > 0 and (trailing is None or trailing.disk_type != DiskType.FIXED):
         copy, copy_error = _try_footer(file, head, "footer copy at offset 0")
@@ -340,11 +421,13 @@ def _locate_footer(file: HostFile) -> FooterLocation:
         note = None
         if copy is not None and copy != trailing:
             note = "the footer copy at offset 0 differs from the trailing footer; using the latter"
-        return FooterLocation(trailing, trailing_length, trailing_offset, copy == trailing, note)
+        return FooterLocation(
+            trailing, trailing_length, trailing_offset, copy == trailing, trailing_raw, note
+        )
     assert trailing_error is not None
     if copy is not None:
         note = f"trailing footer unusable ({trailing_error.message}); using the copy at offset 0"
-        return FooterLocation(copy, 0, size, True, note)
+        return FooterLocation(copy, 0, size, True, head, note)
     # Report the most specific problem: a damaged footer beats "no footer at all".
     if isinstance(trailing_error, NotAVhdError) and not isinstance(copy_error, NotAVhdError | None):
         raise copy_error

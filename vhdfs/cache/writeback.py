@@ -1,0 +1,473 @@
+"""Write-back: acknowledged writes held in memory, and the ordered way they reach the image.
+
+Dirty data
+==========
+
+Writes land in ``DirtyPages``: whole sectors of the virtual disk, in 4 KiB pages, each with a
+mask of the sectors it holds (partial sectors are completed by the caller with the current
+contents first, so a page never holds half a sector). Reads take the dirty sectors over
+whatever the image says. A flush moves the dirty pages aside as the *in-flight* set, writes
+them out, and drops them; writes arriving meanwhile go to a fresh dirty set, and reads
+overlay in-flight then dirty sectors, so they always see the newest data.
+
+When data reaches the image
+===========================
+
+* ``fsync``/``fdatasync`` of the raw file: everything dirty, then the host file is synced.
+* ``close`` of the raw file (FUSE flush): everything dirty is written to the image file (not
+  synced), so a program that closed the file has its data in the image even if the daemon is
+  killed afterwards.
+* The flusher task, ``interval`` seconds after the first write since the last flush.
+* Sooner when dirty data passes ``dirty_limit``: writers then wait for the flusher.
+* Unmount and SIGTERM: everything, synced.
+* Write-through (``interval`` 0): every write is flushed and synced before it is acknowledged.
+
+Write order of one flush (dynamic and differencing images)
+==========================================================
+
+The footer copy at offset 0 and the dynamic header never change. For each dirty block:
+
+A. Block already allocated: write the data sectors into it.
+B. Block not allocated (for a dynamic image, only if the data is not all zeros; all-zero writes
+   to an unallocated block allocate nothing):
+   1. write the footer, unchanged, at the new end of file E (the old trailing footer is still
+      intact until now, so the last 512 bytes of the file are always a valid footer);
+   2. overwrite the old footer with zeros, write the block's bitmap with bits for exactly the
+      sectors being written, and write those sectors' data. Unwritten sectors are zeros
+      (either the zeroed old footer or a hole past the old end of file).
+
+Then, once for the whole flush:
+
+3. ``fdatasync`` the image, if any bitmap or BAT update follows (or the flush must be durable).
+4. Write the bitmap sectors of allocated blocks that gained bits (data before its bit: a bit
+   set over unwritten data would show stale bytes instead of the parent's sectors).
+5. Write each BAT sector that gains entries, read from the file and patched, as a whole 512-byte
+   sector (never a 4-byte write that a torn write could spread to neighbours).
+6. ``fdatasync`` again if the flush must be durable.
+
+What a crash (kill -9, power loss) can leave behind, at each point:
+
+======================  =====================================================================
+crash after             state of the image on disk
+======================  =====================================================================
+A (data written)        valid; the new data may or may not be there (it was never synced)
+B1 (footer at E)        valid: a trailing footer at the end; the space before it is leaked
+B2 (block written)      valid: the BAT does not reference the block yet; space leaked
+3 (synced)              valid; the data is durable but not yet referenced (leaked, or bits
+                        clear: those sectors still read as before)
+4 (bitmaps written)     valid; the new bits point at synced data
+5 (BAT written)         valid; each BAT entry points at a fully written, synced block
+6 (synced)              valid and durable: everything acknowledged by fsync is in the image
+======================  =====================================================================
+
+Fixed images have no metadata: data is written in place and synced when durability is asked.
+
+Concurrency
+===========
+
+Everything runs on the trio thread. One flush at a time (``_flush_lock``); allocation happens
+only inside a flush, so the end-of-file pointer needs no other lock. Host writes are ``pwrite``
+calls on the trio thread (they land in the host page cache); only ``fdatasync`` goes to a worker
+thread. A flush runs shielded from cancellation, so shutdown never interrupts one halfway (the
+ordering makes that safe anyway). Writers that find dirty data past the limit wait for the
+flusher task, never for another request, so every FUSE worker may block on it safely.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import trio
+
+from vhdfs import faults
+from vhdfs.cache.block_cache import BlockCache
+from vhdfs.errors import VhdfsError
+from vhdfs.format.bitmap import SectorBitmap
+from vhdfs.format.layout import SECTOR, UNALLOCATED, DiskType
+from vhdfs.hostio import HostIO
+from vhdfs.image.chain import Chain
+from vhdfs.image.vhd import Allocation, VhdImage
+
+log = logging.getLogger(__name__)
+
+PAGE = 4096
+_SECTORS_PER_PAGE = PAGE // SECTOR
+_FULL_MASK = (1 << _SECTORS_PER_PAGE) - 1
+
+#: Default ``-o writeback=``: seconds dirty data may wait before the flusher writes it.
+DEFAULT_INTERVAL = 5.0
+#: Default ``-o dirty_limit=``: dirty bytes above which writers wait for the flusher.
+DEFAULT_DIRTY_LIMIT = 64 << 20
+
+
+def _mask_runs(mask: int) -> tuple[tuple[int, int], ...]:
+    runs = []
+    sector = 0
+    while sector < _SECTORS_PER_PAGE:
+        if mask >> sector & 1:
+            start = sector
+            while sector < _SECTORS_PER_PAGE and mask >> sector & 1:
+                sector += 1
+            runs.append((start, sector - start))
+        else:
+            sector += 1
+    return tuple(runs)
+
+
+#: Runs of set sectors, ``(first, count)``, for every possible page mask.
+_RUNS = tuple(_mask_runs(mask) for mask in range(1 << _SECTORS_PER_PAGE))
+
+
+class _Page:
+    __slots__ = ("data", "mask")
+
+    def __init__(self) -> None:
+        self.data = bytearray(PAGE)
+        self.mask = 0
+
+
+class DirtyPages:
+    """Dirty sectors of one disk, in 4 KiB pages keyed by page number."""
+
+    def __init__(self) -> None:
+        self.pages: dict[int, _Page] = {}
+
+    @property
+    def size(self) -> int:
+        """Memory held, in bytes."""
+        return len(self.pages) * PAGE
+
+    def store(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Keep ``data`` (whole sectors at a sector-aligned ``offset``) as dirty."""
+        view = memoryview(data)
+        pos = 0
+        while pos < len(view):
+            page_no, within = divmod(offset + pos, PAGE)
+            count = min(PAGE - within, len(view) - pos)
+            page = self.pages.get(page_no)
+            if page is None:
+                page = self.pages[page_no] = _Page()
+            page.data[within : within + count] = view[pos : pos + count]
+            page.mask |= ((1 << (count // SECTOR)) - 1) << (within // SECTOR)
+            pos += count
+
+    def patches(self, offset: int, length: int) -> list[tuple[int, bytes]]:
+        """Dirty sectors within ``[offset, offset + length)``, as ``(disk offset, bytes)``."""
+        out = []
+        end = offset + length
+        pages = self.pages
+        for page_no in range(offset // PAGE, (end - 1) // PAGE + 1):
+            page = pages.get(page_no)
+            if page is None:
+                continue
+            base = page_no * PAGE
+            for first, count in _RUNS[page.mask]:
+                start = max(base + first * SECTOR, offset)
+                stop = min(base + (first + count) * SECTOR, end)
+                if start < stop:
+                    out.append((start, bytes(page.data[start - base : stop - base])))
+        return out
+
+    def runs(self) -> Iterator[tuple[int, bytes]]:
+        """Every dirty run of consecutive sectors, in disk order, as ``(offset, bytes)``."""
+        run_start = -1
+        run_end = -1
+        parts: list[memoryview] = []
+        for page_no in sorted(self.pages):
+            page = self.pages[page_no]
+            base = page_no * PAGE
+            view = memoryview(page.data)
+            for first, count in _RUNS[page.mask]:
+                start = base + first * SECTOR
+                if start != run_end:
+                    if parts:
+                        yield run_start, b"".join(parts)
+                    run_start, parts = start, []
+                parts.append(view[first * SECTOR : (first + count) * SECTOR])
+                run_end = start + count * SECTOR
+        if parts:
+            yield run_start, b"".join(parts)
+
+    def absorb_older(self, older: DirtyPages) -> None:
+        """Add the sectors of ``older`` that this set does not hold (after a failed flush)."""
+        for page_no, old in older.pages.items():
+            page = self.pages.get(page_no)
+            if page is None:
+                self.pages[page_no] = old
+                continue
+            for first, count in _RUNS[old.mask & ~page.mask & _FULL_MASK]:
+                a, b = first * SECTOR, (first + count) * SECTOR
+                page.data[a:b] = old.data[a:b]
+            page.mask |= old.mask
+
+
+@dataclass(frozen=True, slots=True)
+class WriteBackStatistics:
+    """Counters of the write-back layer."""
+
+    dirty_bytes: int
+    flushes: int
+    host_writes: int
+    syncs: int
+    allocations: int
+
+
+class WriteBack:
+    """Dirty data of one disk (the chain's leaf) and its ordered flushing.
+
+    Args:
+        chain: The chain whose leaf receives the writes.
+        cache: The block cache, kept consistent with what is written.
+        hostio: Runs ``fdatasync`` away from the trio thread.
+        interval: Seconds before the flusher writes dirty data; 0 means write-through.
+        dirty_limit: Dirty bytes above which writers wait for the flusher.
+    """
+
+    def __init__(
+        self,
+        chain: Chain,
+        cache: BlockCache,
+        hostio: HostIO,
+        *,
+        interval: float = DEFAULT_INTERVAL,
+        dirty_limit: int = DEFAULT_DIRTY_LIMIT,
+    ) -> None:
+        self.image: VhdImage = chain.leaf
+        self.cache = cache
+        self.hostio = hostio
+        self.interval = interval
+        self.dirty_limit = dirty_limit
+        self.dirty = DirtyPages()
+        self.inflight: DirtyPages | None = None
+        self._flush_lock = trio.Lock()
+        self._dirty_event = trio.Event()
+        self._pressure = trio.Event()
+        self._flushed = trio.Event()
+        self._unsynced = False
+        self._error: VhdfsError | None = None
+        self._flushes = 0
+        self._host_writes = 0
+        self._syncs = 0
+        self._allocations = 0
+
+    @property
+    def write_through(self) -> bool:
+        """True when every write is flushed and synced before it is acknowledged."""
+        return self.interval <= 0
+
+    # -- the write side ------------------------------------------------------------------
+
+    async def store(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Accept whole sectors of data; return when the write may be acknowledged."""
+        self.dirty.store(offset, data)
+        if self.write_through:
+            await self.flush(durable=True)
+            return
+        self._dirty_event.set()
+        while self.dirty.size > self.dirty_limit:
+            if self._error is not None:
+                raise self._error
+            flushed = self._flushed
+            self._pressure.set()
+            await flushed.wait()
+
+    def patches(self, offset: int, length: int) -> list[tuple[int, bytes]]:
+        """Dirty sectors over ``[offset, offset + length)``, oldest first, for reads."""
+        out = []
+        if self.inflight is not None and self.inflight.pages:
+            out = self.inflight.patches(offset, length)
+        if self.dirty.pages:
+            out += self.dirty.patches(offset, length)
+        return out
+
+    # -- flushing ------------------------------------------------------------------------
+
+    async def run_flusher(self) -> None:
+        """Background task: flush dirty data ``interval`` seconds after it appears.
+
+        Sooner under memory pressure. Errors are logged and kept for the next fsync or writer.
+        """
+        while True:
+            await self._dirty_event.wait()
+            with trio.move_on_after(self.interval):
+                await self._pressure.wait()
+            # Only this task replaces the pressure event, after it has woken: a writer's
+            # signal can then never be left on an event nobody waits for.
+            self._pressure = trio.Event()
+            try:
+                await self.flush(durable=False)
+            except VhdfsError as exc:
+                log.error("%s: write-back failed, will retry: %s", self.image.path, exc)
+                await trio.sleep(1)
+
+    async def flush(self, *, durable: bool) -> None:
+        """Write every dirty sector to the image; with ``durable``, sync it too.
+
+        Raises:
+            VhdfsError: A host write or sync failed. The data stays dirty and is retried.
+        """
+        with trio.CancelScope(shield=True):
+            async with self._flush_lock:
+                await self._flush_locked(durable)
+
+    async def _flush_locked(self, durable: bool) -> None:
+        pages = self.dirty
+        if not pages.pages:
+            if durable and self._unsynced:
+                await self._sync()
+            return
+        self.dirty = DirtyPages()
+        self._dirty_event = trio.Event()
+        self.inflight = pages
+        try:
+            if self.image.kind == DiskType.FIXED:
+                await self._write_fixed(pages, durable)
+            else:
+                await self._write_sparse(pages, durable)
+            self._error = None
+        except BaseException as exc:
+            # Keep the data: writes that arrived since are newer and win.
+            self.dirty.absorb_older(pages)
+            self._dirty_event.set()
+            if isinstance(exc, VhdfsError):
+                self._error = exc
+            raise
+        finally:
+            self.inflight = None
+            self._flushes += 1
+            self._flushed.set()
+            self._flushed = trio.Event()
+
+    async def _sync(self) -> None:
+        await self.hostio.sync(self.image.file)
+        self._syncs += 1
+        self._unsynced = False
+
+    def _pwrite(self, offset: int, data: bytes | bytearray) -> None:
+        self.image.file.pwrite(offset, data)
+        self.cache.invalidate_data(0, offset, offset + len(data))
+        self._host_writes += 1
+
+    async def _write_fixed(self, pages: DirtyPages, durable: bool) -> None:
+        for offset, data in pages.runs():
+            self._pwrite(offset, data)
+        self._unsynced = True
+        faults.crash_point("flush-data-written")
+        if durable:
+            await self._sync()
+
+    async def _write_sparse(self, pages: DirtyPages, durable: bool) -> None:
+        image = self.image
+        gained_bits: list[tuple[int, int, SectorBitmap, list[tuple[int, int]]]] = []
+        allocated: list[tuple[Allocation, SectorBitmap]] = []
+        for block, runs in _split_by_block(pages.runs(), image.block_size):
+            entry = self.cache.bat_entry(0, block)
+            if entry == UNALLOCATED:
+                if image.kind == DiskType.DYNAMIC and not any(any(d) for _, d in runs):
+                    continue  # zeros into a dynamic image's hole: nothing to store
+                allocated.append(self._allocate(block, runs))
+                continue
+            bitmap = self.cache.bitmap(0, block, entry)
+            base = image.data_offset(entry)
+            missing = []
+            for within, data in runs:
+                self._pwrite(base + within, data)
+                first, count = within // SECTOR, len(data) // SECTOR
+                if bitmap.bits.find("0", first, first + count) >= 0:
+                    missing.append((first, count))
+            if missing:
+                gained_bits.append((block, entry, bitmap, missing))
+        self._unsynced = True
+        faults.crash_point("flush-data-written")
+        metadata = bool(gained_bits or allocated)
+        if metadata or durable:
+            await self._sync()  # step 3: data durable before anything points at it
+        faults.crash_point("flush-data-synced")
+        for _block, entry, bitmap, missing in gained_bits:  # step 4
+            updated = SectorBitmap(bitmap.raw, image.sectors_per_block)
+            for first, count in missing:
+                updated.set_range(first, count)
+            self._pwrite(entry * SECTOR, updated.raw)
+            bitmap.raw[:], bitmap.bits = updated.raw, updated.bits
+        faults.crash_point("flush-bitmaps-written")
+        self._write_bat_entries([(a.block, a.entry) for a, _ in allocated])  # step 5
+        for allocation, bitmap in allocated:
+            self.cache.set_bat_entry(0, allocation.block, allocation.entry)
+            self.cache.put_bitmap(0, allocation.block, bitmap)
+            image.commit_allocation(allocation)
+        faults.crash_point("flush-bat-written")
+        if metadata:
+            self._unsynced = True
+        if durable and metadata:
+            await self._sync()  # step 6
+
+    def _allocate(
+        self, block: int, runs: list[tuple[int, bytes]]
+    ) -> tuple[Allocation, SectorBitmap]:
+        """Steps B1 and B2 for one new block: footer at the new end, then the block."""
+        image = self.image
+        allocation = image.reserve_block(block)
+        bitmap = SectorBitmap(bytes(image.bitmap_size), image.sectors_per_block)
+        for within, data in runs:
+            bitmap.set_range(within // SECTOR, len(data) // SECTOR)
+        self._pwrite(allocation.end, image.footer_raw)
+        faults.crash_point("alloc-footer-written")
+        if allocation.zero_from < allocation.zero_to:
+            self._pwrite(allocation.zero_from, bytes(allocation.zero_to - allocation.zero_from))
+        self._pwrite(allocation.bitmap_offset, bitmap.raw)
+        for within, data in runs:
+            self._pwrite(allocation.data_offset + within, data)
+        self._allocations += 1
+        faults.crash_point("alloc-block-written")
+        return allocation, bitmap
+
+    def _write_bat_entries(self, entries: list[tuple[int, int]]) -> None:
+        """Set BAT entries, one read-patch-write of each whole 512-byte sector of the table."""
+        if not entries:
+            return
+        header = self.image.header
+        assert header is not None
+        by_sector: dict[int, list[tuple[int, int]]] = {}
+        for block, entry in entries:
+            by_sector.setdefault(block * 4 // SECTOR, []).append((block, entry))
+        for sector, items in sorted(by_sector.items()):
+            offset = header.table_offset + sector * SECTOR
+            raw = bytearray(self.image.file.pread_exact(offset, SECTOR, "BAT sector"))
+            for block, entry in items:
+                slot = block * 4 - sector * SECTOR
+                raw[slot : slot + 4] = entry.to_bytes(4, "big")
+            self._pwrite(offset, raw)
+
+    def statistics(self) -> WriteBackStatistics:
+        """Current counters."""
+        dirty = self.dirty.size + (self.inflight.size if self.inflight else 0)
+        return WriteBackStatistics(
+            dirty_bytes=dirty,
+            flushes=self._flushes,
+            host_writes=self._host_writes,
+            syncs=self._syncs,
+            allocations=self._allocations,
+        )
+
+
+def _split_by_block(
+    runs: Iterator[tuple[int, bytes]], block_size: int
+) -> Iterator[tuple[int, list[tuple[int, bytes]]]]:
+    """Group disk runs by block: ``(block, [(offset within block, bytes), ...])``."""
+    current = -1
+    group: list[tuple[int, bytes]] = []
+    for offset, data in runs:
+        pos = 0
+        while pos < len(data):
+            block, within = divmod(offset + pos, block_size)
+            count = min(block_size - within, len(data) - pos)
+            if block != current:
+                if group:
+                    yield current, group
+                current, group = block, []
+            group.append((within, data[pos : pos + count]))
+            pos += count
+    if group:
+        yield current, group
