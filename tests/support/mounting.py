@@ -157,13 +157,18 @@ class Mount:
                 return
 
     def cleanup(self) -> None:
-        """Teardown path: stop if still running, never raising over a test failure."""
+        """Teardown path: stop if still running and make sure nothing stays mounted, even
+        when the daemon already died; never raises over a test failure."""
         if self.pid is not None:
             pid = self.pid
             try:
                 self.stop(timeout=30)
             except AssertionError:
                 self._force(pid)
+        if self.process is not None and self.process.stderr is not None:
+            self.process.stderr.close()
+        if is_mounted(self.mountpoint):
+            subprocess.run(["fusermount3", "-u", "-z", self.mountpoint], capture_output=True)
 
 
 def read_with_vhdimount(image: str, mountpoint: str) -> bytes:

@@ -60,9 +60,9 @@ def test_written_images_read_the_same_everywhere(
     m = mount([image])
     _write_all(m.raw(image.stem + ".raw"), model, ALIGNED_WRITES, 100)
     assert m.stop() == 0
-    assert run([*vhd_command(), "check", image]).endswith("no errors in " + (
-        "2 image(s)\n" if kind == "differencing" else "1 image(s)\n"
-    ))
+    assert run([*vhd_command(), "check", image]).endswith(
+        "no errors in " + ("2 image(s)\n" if kind == "differencing" else "1 image(s)\n")
+    )
     again = mount([image], options=["ro"])
     assert Path(again.raw(image.stem + ".raw")).read_bytes() == bytes(model)
     assert again.stop() == 0
@@ -245,9 +245,7 @@ def test_unwritable_image_falls_back_to_read_only(
         run(["umount", readonly])
 
 
-def test_saved_state_image_is_served_read_only(
-    tmp_path: Path, mount: Callable[..., Mount]
-) -> None:
+def test_saved_state_image_is_served_read_only(tmp_path: Path, mount: Callable[..., Mount]) -> None:
     image = tmp_path / "saved.vhd"
     create_dynamic(str(image), SIZE)
     rewrite_footers(image, {84: b"\x01"})
