@@ -120,7 +120,7 @@ def test_raw_file_behaves_like_a_block_device(tmp_path: Path, mount: Callable[..
     raw = m.raw("f.raw")
     fd = os.open(raw, os.O_RDWR)
     try:
-        with pytest.raises(OSError) as caught:
+        with pytest.raises(OSError, match="No space left on device") as caught:
             os.pwrite(fd, b"x", MiB)
         assert caught.value.errno == errno.ENOSPC
         assert os.pwrite(fd, b"y" * 100, MiB - 10) == 10  # cut short at the end
@@ -170,7 +170,7 @@ def test_write_through_survives_a_kill_before_close(
     assert m.pid is not None
     os.kill(m.pid, signal.SIGKILL)
     assert m.wait_exited() == -signal.SIGKILL
-    with pytest.raises(OSError) as caught:
+    with pytest.raises(OSError, match="Transport endpoint is not connected") as caught:
         os.close(fd)  # the flush of close() finds the daemon gone
     assert caught.value.errno == errno.ENOTCONN
     subprocess.run(["fusermount3", "-u", m.mountpoint], check=True)
@@ -251,9 +251,9 @@ def test_saved_state_image_is_served_read_only(tmp_path: Path, mount: Callable[.
     rewrite_footers(image, {84: b"\x01"})
     m = mount([image])
     assert "saved state is set" in m.stderr.decode()
-    with pytest.raises(OSError) as caught:
+    with pytest.raises(OSError, match="Read-only file system") as caught:
         os.open(m.raw("saved.raw"), os.O_WRONLY)
-    assert caught.value.errno in (errno.EROFS, errno.EACCES)
+    assert caught.value.errno == errno.EROFS
     assert m.stop() == 0
 
 
