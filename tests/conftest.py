@@ -69,6 +69,7 @@ def mount(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
         *,
         foreground: bool = False,
         cwd: str | Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> Mount:
         if mountpoint is None:
             mountpoint = tmp_path / f"mnt{next(counter)}"
@@ -79,6 +80,7 @@ def mount(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
             options,
             foreground=foreground,
             cwd=None if cwd is None else str(cwd),
+            env=env,
         )
         started.append(m)
         return m.start()

@@ -72,8 +72,10 @@ class Mount:
         *,
         foreground: bool = False,
         cwd: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.cwd = cwd
+        self.env = None if env is None else {**os.environ, **env}
         self.images = list(images)
         self.mountpoint = mountpoint
         self.options = list(options)
@@ -92,7 +94,9 @@ class Mount:
 
     def start(self) -> Mount:
         if self.foreground:
-            self.process = subprocess.Popen(self.argv(), stderr=subprocess.PIPE, cwd=self.cwd)
+            self.process = subprocess.Popen(
+                self.argv(), stderr=subprocess.PIPE, cwd=self.cwd, env=self.env
+            )
             self.pid = self.process.pid
             deadline = time.monotonic() + 30
             while not is_mounted(self.mountpoint):
@@ -101,7 +105,9 @@ class Mount:
                     raise MountFailed(f"vhdfs -f did not mount: {self.stderr.decode()}")
                 time.sleep(0.02)
             return self
-        result = subprocess.run(self.argv(), capture_output=True, timeout=60, cwd=self.cwd)
+        result = subprocess.run(
+            self.argv(), capture_output=True, timeout=60, cwd=self.cwd, env=self.env
+        )
         self.stderr = result.stderr
         if result.returncode != 0:
             raise MountFailed(f"vhdfs exited {result.returncode}: {result.stderr.decode().strip()}")
