@@ -1,7 +1,8 @@
 #!/bin/sh
-# The main job on a sample: make a small dynamic VHD holding a partition table and an ext4 file
-# system with a file in it, mount it with vhdfs, loop-mount the partition, print the file, and
-# unmount everything. Run as root.
+# The main job on a sample: create a small dynamic VHD, mount it with vhdfs, put a partition
+# table and an ext4 file system with a file in it, unmount everything; then mount the image
+# again read-only, loop-mount the partition, print the file, check the image, and unmount.
+# Run as root.
 set -eu
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -10,43 +11,58 @@ PATH="$PWD/.venv/bin:$PATH"
 work=$(mktemp -d /tmp/vhdfs-demo.XXXXXX)
 loop=""
 cleanup() {
-    mountpoint -q "$work/guest" && umount "$work/guest"
-    [ -n "$loop" ] && losetup -d "$loop"
-    mountpoint -q "$work/disk" && fusermount3 -u "$work/disk"
+    if mountpoint -q "$work/guest"; then umount "$work/guest"; fi
+    if [ -n "$loop" ]; then losetup -d "$loop"; fi
+    if mountpoint -q "$work/disk"; then fusermount3 -u "$work/disk"; fi
     rm -rf "$work"
 }
 trap cleanup EXIT
-mkdir "$work/content" "$work/disk" "$work/guest"
+mkdir "$work/disk" "$work/guest"
 
 step() { printf '\n== %s\n' "$*"; }
 
-step "building sample.vhd: an MBR partition table and an ext4 partition holding hello.txt"
-echo "Hello from inside a VHD, served by vhdfs." > "$work/content/hello.txt"
-truncate -s 64M "$work/sample.raw"
-printf 'label: dos\nstart=2048, type=83\n' | sfdisk -q "$work/sample.raw"
-mkfs.ext4 -q -L sample -E offset=1048576 -d "$work/content" "$work/sample.raw" 63M
-qemu-img convert -f raw -O vpc -o subformat=dynamic "$work/sample.raw" "$work/sample.vhd"
-rm "$work/sample.raw"
-vhd info "$work/sample.vhd"
+# Kernels built without MBR/GPT parsing (some VMs) find no partitions after losetup -P;
+# partx adds them from user space. Where the kernel already did, partx reports them busy.
+attach() {
+    loop=$(losetup "$@" -P --show -f "$work/disk/sample.raw")
+    partx -a "$loop" 2>/dev/null || true
+}
 
-step "vhdfs $work/sample.vhd $work/disk"
+step "vhd create sample.vhd 64M"
+vhd create "$work/sample.vhd" 64M
+
+step "vhdfs sample.vhd disk/    (read-write)"
 vhdfs "$work/sample.vhd" "$work/disk"
 ls -l "$work/disk"
 
-step "losetup -r -P on the raw disk, mount its first partition"
-loop=$(losetup -r -P --show -f "$work/disk/sample.raw")
-# Kernels built without MBR/GPT parsing (some VMs) find no partitions; partx adds them from
-# user space. Where the kernel already did, partx reports them busy, which is fine.
-partx -a "$loop" 2>/dev/null || true
-mount -o ro "${loop}p1" "$work/guest"
-blkid "${loop}p1"
-
-step "cat hello.txt from the guest file system"
-cat "$work/guest/hello.txt"
-
-step "unmounting"
+step "a partition table and an ext4 file system holding hello.txt, written through vhdfs"
+printf 'label: dos\nstart=2048, type=83\n' | sfdisk -q "$work/disk/sample.raw"
+attach
+mkfs.ext4 -q -L sample "${loop}p1"
+mount "${loop}p1" "$work/guest"
+echo "Hello from inside a VHD, written and read by vhdfs." > "$work/guest/hello.txt"
 umount "$work/guest"
 losetup -d "$loop"
 loop=""
 fusermount3 -u "$work/disk"
+vhd info "$work/sample.vhd"
+
+step "mounted again read-only, the partition loop-mounted: cat hello.txt"
+vhdfs -o ro "$work/sample.vhd" "$work/disk"
+attach -r
+mount -o ro "${loop}p1" "$work/guest"
+cat "$work/guest/hello.txt"
+
+step "unmounting, then vhd check"
+umount "$work/guest"
+losetup -d "$loop"
+loop=""
+# The daemon serving a mount names itself in the user.vhdfs.pid attribute; after the unmount
+# it writes out what is left and exits, releasing the image.
+pid=$(python3 -c 'import os, sys; print(os.getxattr(sys.argv[1], "user.vhdfs.pid").decode())' \
+    "$work/disk")
+fusermount3 -u "$work/disk"
+exited() { ! [ -e "/proc/$1" ] || grep -q '^State:.*zombie' "/proc/$1/status"; }
+until exited "$pid"; do sleep 0.1; done
+vhd check "$work/sample.vhd"
 echo "done"
