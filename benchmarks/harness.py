@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,7 +157,8 @@ def run_fio(path: str, job: Job) -> float:
         text=True,
         check=True,
     )
-    stats = json.loads(result.stdout)["jobs"][0][job.direction]
+    # fio prints notes before the JSON when it runs jobs; keep only the JSON document.
+    stats = json.loads(result.stdout[result.stdout.index("{") :])["jobs"][0][job.direction]
     return stats["bw_bytes"] / (1 << 20) if job.metric == "MiB/s" else stats["iops"]
 
 
@@ -188,20 +190,29 @@ def warm_up(image: Path) -> None:
 
 
 def run_rounds(
-    image_for: dict[str, Path], targets: list[Target], jobs: list[Job], rounds: int
+    image_for: dict[str, Path],
+    targets: list[Target],
+    jobs: list[Job],
+    rounds: int,
+    prepare: Callable[[Target], Path] | None = None,
 ) -> Results:
-    """Run every job on every target, ``rounds`` times, rotating the target order."""
+    """Run every job on every target, ``rounds`` times, rotating the target order.
+
+    ``prepare``, when given, returns a fresh image for a target before each of its rounds
+    (write benchmarks start every round from the same unwritten image).
+    """
     results = Results()
     for round_no in range(rounds):
         order = targets[round_no % len(targets) :] + targets[: round_no % len(targets)]
         for target in order:
-            path = target.start(image_for[target.name])
+            image = prepare(target) if prepare else image_for[target.name]
+            path = target.start(image)
             try:
                 for job in jobs:
                     if job.cold:
                         drop_caches()
                     if job.warm:
-                        warm_up(image_for[target.name])
+                        warm_up(image)
                     value = run_fio(path, job)
                     results.add(target.name, job.name, value)
                     print(

@@ -106,6 +106,7 @@ class VirtualDisk:
             return data
         start, stop, cacheable = self.cache.chunk_span(layer, offset, length)
         file = self.chain.layers[layer].file
+        epoch = self.cache.data_epoch(layer)
         raw = await self.hostio.read(file, start, stop - start)
         self._host_reads += 1
         skip = offset - start
@@ -115,7 +116,7 @@ class VirtualDisk:
                 f"file ended early: read at {offset} returned {len(raw) - skip} of {length} bytes",
             )
         if cacheable:
-            self.cache.store_data(layer, start, raw)
+            self.cache.store_data(layer, start, raw, epoch)
         if skip == 0 and len(raw) == length:
             return raw
         return memoryview(raw)[skip : skip + length]

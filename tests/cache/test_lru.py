@@ -48,7 +48,7 @@ def test_block_cache_stays_within_budget(tmp_path: Path) -> None:
             start, stop, cacheable = cache.chunk_span(0, host + offset, 4096)
             assert cacheable
             data = chain.leaf.file.pread(start, stop - start)
-            cache.store_data(0, start, data)
+            cache.store_data(0, start, data, cache.data_epoch(0))
             assert (
                 cache.cached_data(0, host + offset, 4096)
                 == data[host + offset - start : host + offset - start + 4096]

@@ -57,6 +57,9 @@ class BlockCache:
         self.layers = chain.layers
         self._lru: LruCache[CacheKey, Any] = LruCache(max_bytes)
         self._bypass = min(CACHED_READ_LIMIT, max_bytes // 4)
+        # Bumped whenever a layer's file is written: a read that was waiting on the disk
+        # while a write went in must not cache what it read (it may be the old bytes).
+        self._data_epoch = [0] * len(chain.layers)
 
     # -- metadata (MetaSource) -----------------------------------------------------------
 
@@ -117,8 +120,17 @@ class BlockCache:
         stop = -(-(offset + length) // DATA_CHUNK) * DATA_CHUNK
         return start, min(stop, max(self.layers[layer].file.size, offset + length)), True
 
-    def store_data(self, layer: int, start: int, data: bytes | bytearray) -> None:
-        """Cache ``data`` read at ``start`` (a cacheable ``chunk_span``), chunk by chunk."""
+    def data_epoch(self, layer: int) -> int:
+        """A number that changes whenever the layer's file is written."""
+        return self._data_epoch[layer]
+
+    def store_data(self, layer: int, start: int, data: bytes | bytearray, epoch: int) -> None:
+        """Cache ``data`` read at ``start`` (a cacheable ``chunk_span``), chunk by chunk.
+
+        Nothing is cached if the file was written since ``epoch`` (taken before the read).
+        """
+        if epoch != self._data_epoch[layer]:
+            return
         first = start // DATA_CHUNK
         for index, pos in enumerate(range(0, len(data), DATA_CHUNK), first):
             chunk = data[pos : pos + DATA_CHUNK]
@@ -139,6 +151,7 @@ class BlockCache:
 
     def invalidate_data(self, layer: int, start: int, end: int) -> None:
         """Forget cached data chunks overlapping ``[start, end)`` of the layer's file."""
+        self._data_epoch[layer] += 1
         for index in range(start // DATA_CHUNK, (end - 1) // DATA_CHUNK + 1):
             self._lru.discard((layer, _DATA, index))
 

@@ -120,37 +120,89 @@ def _mask_runs(mask: int) -> tuple[tuple[int, int], ...]:
 _RUNS = tuple(_mask_runs(mask) for mask in range(1 << _SECTORS_PER_PAGE))
 
 
-class _Page:
-    __slots__ = ("data", "mask")
+_ZERO_PAGE = memoryview(bytes(PAGE))
 
-    def __init__(self) -> None:
-        self.data = bytearray(PAGE)
-        self.mask = 0
+#: A run of dirty data as the buffers it is made of (views of the pages, never copied).
+Chunks = list[memoryview]
+
+
+class _Page:
+    """One dirty page.
+
+    A page written whole is a view into the buffer the write arrived in (no copy: a 1 MiB
+    write becomes 256 views of one buffer); ``owner`` is that buffer. A partly written page
+    is a zero-filled bytearray of its own. ``mask`` has a bit per sector held.
+    """
+
+    __slots__ = ("data", "mask", "owner")
+
+    def __init__(self, data: memoryview | bytearray, mask: int, owner: object = None) -> None:
+        self.data = data
+        self.mask = mask
+        self.owner = owner
 
 
 class DirtyPages:
-    """Dirty sectors of one disk, in 4 KiB pages keyed by page number."""
+    """Dirty sectors of one disk, in 4 KiB pages keyed by page number.
+
+    ``size`` is the memory really held: every buffer some page still views, counted once
+    however many pages view it, plus the pages of their own. So a page overwritten later
+    frees nothing until the rest of its buffer is gone too, and ``size`` says so.
+    """
 
     def __init__(self) -> None:
         self.pages: dict[int, _Page] = {}
+        self._owners: dict[int, list[object]] = {}  # id -> [buffer, pages viewing it]
+        self.size = 0
 
-    @property
-    def size(self) -> int:
-        """Memory held, in bytes."""
-        return len(self.pages) * PAGE
+    def _hold(self, page_no: int, page: _Page) -> None:
+        old = self.pages.get(page_no)
+        if old is not None:
+            self._release(old)
+        self.pages[page_no] = page
+        if page.owner is None:
+            self.size += PAGE
+            return
+        entry = self._owners.get(id(page.owner))
+        if entry is None:
+            self._owners[id(page.owner)] = [page.owner, 1]
+            self.size += len(page.owner)  # type: ignore[arg-type]
+        else:
+            entry[1] += 1  # type: ignore[operator]
+
+    def _release(self, page: _Page) -> None:
+        if page.owner is None:
+            self.size -= PAGE
+            return
+        entry = self._owners[id(page.owner)]
+        entry[1] -= 1  # type: ignore[operator]
+        if entry[1] == 0:
+            del self._owners[id(page.owner)]
+            self.size -= len(page.owner)  # type: ignore[arg-type]
 
     def store(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        """Keep ``data`` (whole sectors at a sector-aligned ``offset``) as dirty."""
+        """Keep ``data`` (whole sectors at a sector-aligned ``offset``) as dirty.
+
+        The caller hands ``data`` over: it must not change it afterwards (pyfuse3 passes each
+        write as a fresh ``bytes`` object, which nothing else holds).
+        """
         view = memoryview(data)
+        pages = self.pages
         pos = 0
         while pos < len(view):
             page_no, within = divmod(offset + pos, PAGE)
             count = min(PAGE - within, len(view) - pos)
-            page = self.pages.get(page_no)
-            if page is None:
-                page = self.pages[page_no] = _Page()
-            page.data[within : within + count] = view[pos : pos + count]
-            page.mask |= ((1 << (count // SECTOR)) - 1) << (within // SECTOR)
+            if count == PAGE:
+                self._hold(page_no, _Page(view[pos : pos + PAGE], _FULL_MASK, data))
+            else:
+                page = pages.get(page_no)
+                if page is None or page.owner is not None:
+                    own = _Page(bytearray(PAGE) if page is None else bytearray(page.data), 0)
+                    own.mask = 0 if page is None else page.mask
+                    self._hold(page_no, own)
+                    page = own
+                page.data[within : within + count] = view[pos : pos + count]
+                page.mask |= ((1 << (count // SECTOR)) - 1) << (within // SECTOR)
             pos += count
 
     def patches(self, offset: int, length: int) -> list[tuple[int, bytes]]:
@@ -170,11 +222,11 @@ class DirtyPages:
                     out.append((start, bytes(page.data[start - base : stop - base])))
         return out
 
-    def runs(self) -> Iterator[tuple[int, bytes]]:
-        """Every dirty run of consecutive sectors, in disk order, as ``(offset, bytes)``."""
+    def runs(self) -> Iterator[tuple[int, Chunks]]:
+        """Every dirty run of consecutive sectors, in disk order, as ``(offset, chunks)``."""
         run_start = -1
         run_end = -1
-        parts: list[memoryview] = []
+        parts: Chunks = []
         for page_no in sorted(self.pages):
             page = self.pages[page_no]
             base = page_no * PAGE
@@ -183,21 +235,29 @@ class DirtyPages:
                 start = base + first * SECTOR
                 if start != run_end:
                     if parts:
-                        yield run_start, b"".join(parts)
+                        yield run_start, parts
                     run_start, parts = start, []
                 parts.append(view[first * SECTOR : (first + count) * SECTOR])
                 run_end = start + count * SECTOR
         if parts:
-            yield run_start, b"".join(parts)
+            yield run_start, parts
 
     def absorb_older(self, older: DirtyPages) -> None:
         """Add the sectors of ``older`` that this set does not hold (after a failed flush)."""
         for page_no, old in older.pages.items():
             page = self.pages.get(page_no)
             if page is None:
-                self.pages[page_no] = old
+                self._hold(page_no, old)
                 continue
-            for first, count in _RUNS[old.mask & ~page.mask & _FULL_MASK]:
+            missing = old.mask & ~page.mask & _FULL_MASK
+            if not missing:
+                continue
+            if page.owner is not None:
+                own = _Page(bytearray(page.data), page.mask)
+                self._hold(page_no, own)
+                page = own
+            assert isinstance(page.data, bytearray)
+            for first, count in _RUNS[missing]:
                 a, b = first * SECTOR, (first + count) * SECTOR
                 page.data[a:b] = old.data[a:b]
             page.mask |= old.mask
@@ -346,13 +406,16 @@ class WriteBack:
         self._unsynced = False
 
     def _pwrite(self, offset: int, data: bytes | bytearray) -> None:
-        self.image.file.pwrite(offset, data)
-        self.cache.invalidate_data(0, offset, offset + len(data))
+        self._pwritev(offset, [memoryview(data)])
+
+    def _pwritev(self, offset: int, chunks: Chunks) -> None:
+        length = self.image.file.pwritev(offset, chunks)
+        self.cache.invalidate_data(0, offset, offset + length)
         self._host_writes += 1
 
     async def _write_fixed(self, pages: DirtyPages, durable: bool) -> None:
-        for offset, data in pages.runs():
-            self._pwrite(offset, data)
+        for offset, chunks in pages.runs():
+            self._pwritev(offset, chunks)
         self._unsynced = True
         faults.crash_point("flush-data-written")
         if durable:
@@ -365,16 +428,16 @@ class WriteBack:
         for block, runs in _split_by_block(pages.runs(), image.block_size):
             entry = self.cache.bat_entry(0, block)
             if entry == UNALLOCATED:
-                if image.kind == DiskType.DYNAMIC and not any(any(d) for _, d in runs):
+                if image.kind == DiskType.DYNAMIC and _all_zero(runs):
                     continue  # zeros into a dynamic image's hole: nothing to store
                 allocated.append(self._allocate(block, runs))
                 continue
             bitmap = self.cache.bitmap(0, block, entry)
             base = image.data_offset(entry)
             missing = []
-            for within, data in runs:
-                self._pwrite(base + within, data)
-                first, count = within // SECTOR, len(data) // SECTOR
+            for within, length, chunks in runs:
+                self._pwritev(base + within, chunks)
+                first, count = within // SECTOR, length // SECTOR
                 if bitmap.bits.find("0", first, first + count) >= 0:
                     missing.append((first, count))
             if missing:
@@ -403,22 +466,20 @@ class WriteBack:
         if durable and metadata:
             await self._sync()  # step 6
 
-    def _allocate(
-        self, block: int, runs: list[tuple[int, bytes]]
-    ) -> tuple[Allocation, SectorBitmap]:
+    def _allocate(self, block: int, runs: list[BlockRun]) -> tuple[Allocation, SectorBitmap]:
         """Steps B1 and B2 for one new block: footer at the new end, then the block."""
         image = self.image
         allocation = image.reserve_block(block)
         bitmap = SectorBitmap(bytes(image.bitmap_size), image.sectors_per_block)
-        for within, data in runs:
-            bitmap.set_range(within // SECTOR, len(data) // SECTOR)
+        for within, length, _ in runs:
+            bitmap.set_range(within // SECTOR, length // SECTOR)
         self._pwrite(allocation.end, image.footer_raw)
         faults.crash_point("alloc-footer-written")
         if allocation.zero_from < allocation.zero_to:
             self._pwrite(allocation.zero_from, bytes(allocation.zero_to - allocation.zero_from))
         self._pwrite(allocation.bitmap_offset, bitmap.raw)
-        for within, data in runs:
-            self._pwrite(allocation.data_offset + within, data)
+        for within, _, chunks in runs:
+            self._pwritev(allocation.data_offset + within, chunks)
         self._allocations += 1
         faults.crash_point("alloc-block-written")
         return allocation, bitmap
@@ -452,22 +513,39 @@ class WriteBack:
         )
 
 
+#: Dirty data inside one block: ``(offset within the block, length, chunks)``.
+BlockRun = tuple[int, int, Chunks]
+
+
 def _split_by_block(
-    runs: Iterator[tuple[int, bytes]], block_size: int
-) -> Iterator[tuple[int, list[tuple[int, bytes]]]]:
-    """Group disk runs by block: ``(block, [(offset within block, bytes), ...])``."""
+    runs: Iterator[tuple[int, Chunks]], block_size: int
+) -> Iterator[tuple[int, list[BlockRun]]]:
+    """Group disk runs by block: ``(block, [(offset within block, length, chunks), ...])``."""
     current = -1
-    group: list[tuple[int, bytes]] = []
-    for offset, data in runs:
-        pos = 0
-        while pos < len(data):
-            block, within = divmod(offset + pos, block_size)
-            count = min(block_size - within, len(data) - pos)
-            if block != current:
-                if group:
-                    yield current, group
-                current, group = block, []
-            group.append((within, data[pos : pos + count]))
-            pos += count
+    group: list[BlockRun] = []
+    for run_offset, chunks in runs:
+        offset = run_offset
+        for chunk in chunks:
+            pos = 0
+            while pos < len(chunk):
+                block, within = divmod(offset, block_size)
+                count = min(block_size - within, len(chunk) - pos)
+                piece = chunk[pos : pos + count]
+                if block != current:
+                    if group:
+                        yield current, group
+                    current, group = block, []
+                if group and group[-1][0] + group[-1][1] == within:
+                    last_within, last_length, last_chunks = group[-1]
+                    last_chunks.append(piece)
+                    group[-1] = (last_within, last_length + count, last_chunks)
+                else:
+                    group.append((within, count, [piece]))
+                offset += count
+                pos += count
     if group:
         yield current, group
+
+
+def _all_zero(runs: list[BlockRun]) -> bool:
+    return all(chunk == _ZERO_PAGE[: len(chunk)] for _, _, chunks in runs for chunk in chunks)
