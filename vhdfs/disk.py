@@ -132,6 +132,8 @@ class VirtualDisk:
         """
         if self.writeback is None:
             raise ReadOnlyError(self.chain.leaf.path, "the disk is mounted read-only")
+        if not data:
+            return 0
         if offset >= self.size and len(data):
             raise NoSpaceError(
                 self.chain.leaf.path, f"write at {offset} is past the end of the disk"

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import errno
+from functools import partial
 from pathlib import Path
 
+import pytest
 import trio
 
 from tests.support.images import Layer, build_chain, pattern
-from vhdfs.cache.block_cache import BlockCache
+from vhdfs.cache.block_cache import MIN_CACHE_SIZE, BlockCache
 from vhdfs.cache.writeback import WriteBack
 from vhdfs.disk import VirtualDisk
+from vhdfs.errors import HostIOError
 from vhdfs.hostio import HostIO, IoMode
 from vhdfs.image.chain import Chain
 from vhdfs.image.hostfile import HostFile
@@ -47,3 +51,77 @@ async def test_read_racing_a_flush_never_caches_old_bytes(tmp_path: Path) -> Non
         assert bytes(await disk.read(0, 4096)) == new
     finally:
         await disk.aclose()
+
+
+class SlowSync(HostIO):
+    """Syncs wait for ``release`` (a slow disk flushing its cache); reads are immediate."""
+
+    def __init__(self) -> None:
+        super().__init__(IoMode.INLINE)
+        self.release = trio.Event()
+        self.syncing = trio.Event()
+
+    async def sync(self, file: HostFile) -> None:
+        self.syncing.set()
+        await self.release.wait()
+        file.fdatasync()
+
+
+async def test_bitmap_reloaded_during_the_sync_gets_the_new_bits(tmp_path: Path) -> None:
+    # Block 0 holds sectors 0-7; blocks 1-3 are full, so reading them can evict block 0's
+    # bitmap from a 1 MiB cache while the flush waits for its sync.
+    layer = Layer(block_size=512 << 10, writes=[(0, 8), (1024, 3072)])
+    built = build_chain(tmp_path, 4 << 20, [layer])
+    chain = Chain.open(str(built.leaf), writable=True)
+    cache = BlockCache(chain, MIN_CACHE_SIZE)
+    hostio = SlowSync()
+    disk = VirtualDisk(chain, cache, hostio, WriteBack(chain, cache, hostio, interval=60))
+    new = pattern(8, 512)
+    try:
+        await disk.write(8 * 512, new)  # sector 8: its bit is still clear
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(disk.flush, durable=True))
+            await hostio.syncing.wait()
+            for offset in range(512 << 10, 2 << 20, 16 << 10):
+                await disk.read(offset, 4096)  # evicts the bitmap
+            await disk.read(0, 4096)  # reloads it from the file: the old bits
+            hostio.release.set()
+        assert bytes(await disk.read(8 * 512, 512)) == new
+    finally:
+        await disk.aclose()
+    reopened = Chain.open(str(built.leaf))
+    try:
+        check = VirtualDisk(reopened, BlockCache(reopened), HostIO())
+        assert bytes(await check.read(8 * 512, 512)) == new
+    finally:
+        reopened.close()
+
+
+class FailingSync(HostIO):
+    """The first sync fails as a disk error would; later ones would succeed."""
+
+    def __init__(self) -> None:
+        super().__init__(IoMode.INLINE)
+        self.failed = False
+
+    async def sync(self, file: HostFile) -> None:
+        if not self.failed:
+            self.failed = True
+            raise HostIOError(file.path, "fdatasync failed: Input/output error", errno.EIO)
+        file.fdatasync()
+
+
+async def test_a_failed_sync_fails_every_later_sync_and_write(tmp_path: Path) -> None:
+    built = build_chain(tmp_path, 4 << 20, [Layer(kind="fixed")])
+    chain = Chain.open(str(built.leaf), writable=True)
+    cache = BlockCache(chain)
+    hostio = FailingSync()
+    disk = VirtualDisk(chain, cache, hostio, WriteBack(chain, cache, hostio, interval=60))
+    await disk.write(0, pattern(1, 4096))
+    for _ in range(2):
+        with pytest.raises(HostIOError, match="fdatasync failed"):
+            await disk.flush(durable=True)
+    with pytest.raises(HostIOError, match="fdatasync failed"):
+        await disk.write(4096, pattern(2, 4096))
+    disk.hostio.close()
+    chain.close()

@@ -149,6 +149,13 @@ class BlockCache:
         """Cache the bitmap of a block just allocated."""
         self._lru.put((layer, _BITMAP, block), bitmap, len(bitmap.raw) + len(bitmap.bits))
 
+    def forget_metadata(self, layer: int) -> None:
+        """Drop the layer's cached BAT pages and bitmaps.
+
+        Used after a write that may have failed half-way: only the file knows what changed.
+        """
+        self._lru.discard_where(lambda key: key[0] == layer and key[1] != _DATA)
+
     def invalidate_data(self, layer: int, start: int, end: int) -> None:
         """Forget cached data chunks overlapping ``[start, end)`` of the layer's file."""
         self._data_epoch[layer] += 1

@@ -7,7 +7,7 @@ checkpoints, so it needs no lock.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -83,6 +83,11 @@ class LruCache(Generic[K, V]):
         old = self._items.pop(key, None)
         if old is not None:
             self._bytes -= old[1]
+
+    def discard_where(self, predicate: Callable[[K], bool]) -> None:
+        """Forget every key for which ``predicate`` is true."""
+        for key in [key for key in self._items if predicate(key)]:
+            self.discard(key)
 
     def __len__(self) -> int:
         return len(self._items)

@@ -32,9 +32,11 @@ B. Block not allocated (for a dynamic image, only if the data is not all zeros; 
    to an unallocated block allocate nothing):
    1. write the footer, unchanged, at the new end of file E (the old trailing footer is still
       intact until now, so the last 512 bytes of the file are always a valid footer);
-   2. overwrite the old footer with zeros, write the block's bitmap with bits for exactly the
-      sectors being written, and write those sectors' data. Unwritten sectors are zeros
-      (either the zeroed old footer or a hole past the old end of file).
+   2. write the block's bitmap with bits for exactly the sectors being written, and those
+      sectors' data. The block lies past the old end of file, so its unwritten sectors are a
+      hole and read as zeros. The old footer is left where it is, in the alignment gap
+      before the bitmap; in the rare layout where the bitmap covers it, the new footer is
+      synced first, so a power cut cannot leave the file without a valid trailing footer.
 
 Then, once for the whole flush:
 
@@ -52,6 +54,7 @@ crash after             state of the image on disk
 ======================  =====================================================================
 A (data written)        valid; the new data may or may not be there (it was never synced)
 B1 (footer at E)        valid: a trailing footer at the end; the space before it is leaked
+                        (a later retry of the same block reuses that space)
 B2 (block written)      valid: the BAT does not reference the block yet; space leaked
 3 (synced)              valid; the data is durable but not yet referenced (leaked, or bits
                         clear: those sectors still read as before)
@@ -61,6 +64,9 @@ B2 (block written)      valid: the BAT does not reference the block yet; space l
 ======================  =====================================================================
 
 Fixed images have no metadata: data is written in place and synced when durability is asked.
+
+A failed flush keeps its data dirty and re-reads the metadata it may have changed; a failed
+sync fails every later sync and write of the mount (the kernel reports lost writeback once).
 
 Concurrency
 ===========
@@ -85,7 +91,7 @@ from vhdfs import faults
 from vhdfs.cache.block_cache import BlockCache
 from vhdfs.errors import VhdfsError
 from vhdfs.format.bitmap import SectorBitmap
-from vhdfs.format.layout import SECTOR, UNALLOCATED, DiskType
+from vhdfs.format.layout import FOOTER_SIZE, SECTOR, UNALLOCATED, DiskType
 from vhdfs.hostio import HostIO
 from vhdfs.image.chain import Chain
 from vhdfs.image.vhd import Allocation, VhdImage
@@ -307,6 +313,8 @@ class WriteBack:
         self._flushed = trio.Event()
         self._unsynced = False
         self._error: VhdfsError | None = None
+        self._sync_failure: VhdfsError | None = None
+        self._reserved: dict[int, Allocation] = {}
         self._flushes = 0
         self._host_writes = 0
         self._syncs = 0
@@ -321,6 +329,8 @@ class WriteBack:
 
     async def store(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Accept whole sectors of data; return when the write may be acknowledged."""
+        if self._sync_failure is not None:
+            raise self._sync_failure
         self.dirty.store(offset, data)
         if self.write_through:
             await self.flush(durable=True)
@@ -373,6 +383,8 @@ class WriteBack:
                 await self._flush_locked(durable)
 
     async def _flush_locked(self, durable: bool) -> None:
+        if self._sync_failure is not None:
+            raise self._sync_failure
         pages = self.dirty
         if not pages.pages:
             if durable and self._unsynced:
@@ -388,9 +400,11 @@ class WriteBack:
                 await self._write_sparse(pages, durable)
             self._error = None
         except BaseException as exc:
-            # Keep the data: writes that arrived since are newer and win.
+            # Keep the data: writes that arrived since are newer and win. What the failed
+            # flush changed on disk (a BAT sector, bitmaps) is re-read from the file.
             self.dirty.absorb_older(pages)
             self._dirty_event.set()
+            self.cache.forget_metadata(0)
             if isinstance(exc, VhdfsError):
                 self._error = exc
             raise
@@ -401,7 +415,15 @@ class WriteBack:
             self._flushed = trio.Event()
 
     async def _sync(self) -> None:
-        await self.hostio.sync(self.image.file)
+        try:
+            await self.hostio.sync(self.image.file)
+        except VhdfsError as exc:
+            # The kernel reports a failed writeback once and may drop the pages; a later
+            # fsync could then succeed over lost data. So one failure fails every later
+            # sync and write of this mount.
+            self._sync_failure = exc
+            log.error("%s: sync failed, refusing further writes: %s", self.image.path, exc)
+            raise
         self._syncs += 1
         self._unsynced = False
 
@@ -423,14 +445,14 @@ class WriteBack:
 
     async def _write_sparse(self, pages: DirtyPages, durable: bool) -> None:
         image = self.image
-        gained_bits: list[tuple[int, int, SectorBitmap, list[tuple[int, int]]]] = []
+        gained_bits: list[tuple[int, int, list[tuple[int, int]]]] = []
         allocated: list[tuple[Allocation, SectorBitmap]] = []
         for block, runs in _split_by_block(pages.runs(), image.block_size):
             entry = self.cache.bat_entry(0, block)
             if entry == UNALLOCATED:
                 if image.kind == DiskType.DYNAMIC and _all_zero(runs):
                     continue  # zeros into a dynamic image's hole: nothing to store
-                allocated.append(self._allocate(block, runs))
+                allocated.append(await self._allocate(block, runs))
                 continue
             bitmap = self.cache.bitmap(0, block, entry)
             base = image.data_offset(entry)
@@ -441,42 +463,57 @@ class WriteBack:
                 if bitmap.bits.find("0", first, first + count) >= 0:
                     missing.append((first, count))
             if missing:
-                gained_bits.append((block, entry, bitmap, missing))
+                gained_bits.append((block, entry, missing))
         self._unsynced = True
         faults.crash_point("flush-data-written")
         metadata = bool(gained_bits or allocated)
         if metadata or durable:
             await self._sync()  # step 3: data durable before anything points at it
         faults.crash_point("flush-data-synced")
-        for _block, entry, bitmap, missing in gained_bits:  # step 4
-            updated = SectorBitmap(bitmap.raw, image.sectors_per_block)
+        for block, entry, missing in gained_bits:  # step 4
+            # Fetched again: during the sync the cache may have dropped and reloaded it, and
+            # only the file (written by flushes alone, under the flush lock) is current.
+            current = self.cache.bitmap(0, block, entry)
+            updated = SectorBitmap(current.raw, image.sectors_per_block)
             for first, count in missing:
                 updated.set_range(first, count)
             self._pwrite(entry * SECTOR, updated.raw)
-            bitmap.raw[:], bitmap.bits = updated.raw, updated.bits
+            self.cache.put_bitmap(0, block, updated)
         faults.crash_point("flush-bitmaps-written")
         self._write_bat_entries([(a.block, a.entry) for a, _ in allocated])  # step 5
         for allocation, bitmap in allocated:
             self.cache.set_bat_entry(0, allocation.block, allocation.entry)
             self.cache.put_bitmap(0, allocation.block, bitmap)
             image.commit_allocation(allocation)
+            del self._reserved[allocation.block]
         faults.crash_point("flush-bat-written")
         if metadata:
             self._unsynced = True
         if durable and metadata:
             await self._sync()  # step 6
 
-    def _allocate(self, block: int, runs: list[BlockRun]) -> tuple[Allocation, SectorBitmap]:
-        """Steps B1 and B2 for one new block: footer at the new end, then the block."""
+    async def _allocate(self, block: int, runs: list[BlockRun]) -> tuple[Allocation, SectorBitmap]:
+        """Steps B1 and B2 for one new block: footer at the new end, then the block.
+
+        A block whose earlier flush failed before its BAT entry was written reuses the room
+        reserved then (the retry writes a superset of the same sectors), so persistent host
+        errors do not grow the file.
+        """
         image = self.image
-        allocation = image.reserve_block(block)
+        allocation = self._reserved.get(block)
+        if allocation is None:
+            allocation = self._reserved[block] = image.reserve_block(block)
         bitmap = SectorBitmap(bytes(image.bitmap_size), image.sectors_per_block)
         for within, length, _ in runs:
             bitmap.set_range(within // SECTOR, length // SECTOR)
-        self._pwrite(allocation.end, image.footer_raw)
+        if allocation.end + FOOTER_SIZE >= image.file.size:  # still the last block
+            self._pwrite(allocation.end, image.footer_raw)
         faults.crash_point("alloc-footer-written")
-        if allocation.zero_from < allocation.zero_to:
-            self._pwrite(allocation.zero_from, bytes(allocation.zero_to - allocation.zero_from))
+        if allocation.bitmap_offset < allocation.old_footer_end:
+            # The bitmap goes over the old footer: make the new one durable first, so that
+            # after a power cut the file still ends in a valid footer. (Otherwise the old
+            # footer stays where it is, in the alignment gap before the bitmap, untouched.)
+            await self._sync()
         self._pwrite(allocation.bitmap_offset, bitmap.raw)
         for within, _, chunks in runs:
             self._pwritev(allocation.data_offset + within, chunks)
@@ -485,21 +522,26 @@ class WriteBack:
         return allocation, bitmap
 
     def _write_bat_entries(self, entries: list[tuple[int, int]]) -> None:
-        """Set BAT entries, one read-patch-write of each whole 512-byte sector of the table."""
+        """Set BAT entries by read-patch-write of whole 512-byte sectors.
+
+        Sectors of the file, not of the table: the table need not be sector-aligned.
+        """
         if not entries:
             return
         header = self.image.header
         assert header is not None
-        by_sector: dict[int, list[tuple[int, int]]] = {}
+        patches: dict[int, list[tuple[int, bytes]]] = {}
         for block, entry in entries:
-            by_sector.setdefault(block * 4 // SECTOR, []).append((block, entry))
-        for sector, items in sorted(by_sector.items()):
-            offset = header.table_offset + sector * SECTOR
-            raw = bytearray(self.image.file.pread_exact(offset, SECTOR, "BAT sector"))
-            for block, entry in items:
-                slot = block * 4 - sector * SECTOR
-                raw[slot : slot + 4] = entry.to_bytes(4, "big")
-            self._pwrite(offset, raw)
+            position = header.table_offset + 4 * block
+            value = entry.to_bytes(4, "big")
+            for byte in range(4):  # an entry may straddle two sectors of a misaligned BAT
+                sector, within = divmod(position + byte, SECTOR)
+                patches.setdefault(sector, []).append((within, value[byte : byte + 1]))
+        for sector, items in sorted(patches.items()):
+            raw = bytearray(self.image.file.pread_exact(sector * SECTOR, SECTOR, "BAT sector"))
+            for within, value in items:
+                raw[within : within + 1] = value
+            self._pwrite(sector * SECTOR, raw)
 
     def statistics(self) -> WriteBackStatistics:
         """Current counters."""

@@ -77,6 +77,7 @@ class SectorBitmap:
         """Mark sectors ``[first, first + count)`` present, in both representations."""
         end = first + count
         self.bits = self.bits[:first] + "1" * count + self.bits[end:]
-        used = -(-self.sectors // 8)
-        value = int(self.bits.ljust(used * 8, "0"), 2)
-        self.raw[:used] = value.to_bytes(used, "big")
+        # Only the bytes holding the range change (a 256 MiB block has a 64 KiB bitmap).
+        low, high = first // 8, -(-end // 8)
+        value = int(self.bits[low * 8 : high * 8].ljust((high - low) * 8, "0"), 2)
+        self.raw[low:high] = value.to_bytes(high - low, "big")

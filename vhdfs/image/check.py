@@ -22,7 +22,7 @@ from vhdfs.format.layout import FOOTER_SIZE, SECTOR, UNALLOCATED, DiskType
 from vhdfs.image.chain import Chain
 from vhdfs.image.vhd import VhdImage
 
-#: Unreferenced gaps shorter than this are alignment padding (blocks start on 4 KiB), not leaks.
+#: Block data is aligned to this; shorter gaps before aligned data are padding, not leaks.
 PADDING = 4096
 
 
@@ -101,24 +101,36 @@ def _check_layer(image: VhdImage, report: CheckReport) -> None:
 
 
 def _leaks(image: VhdImage) -> list[tuple[int, int]]:
-    """Ranges of the file that no structure references, padding excepted."""
-    used: list[tuple[int, int]] = [(0, image.meta_end)]
+    """Ranges of the file that no structure references, alignment padding excepted.
+
+    Padding is what allocators leave between structures: a gap shorter than 4 KiB that is
+    either shorter than a block (no block can be lost in it: MiniVHD leaves 2.5 KiB gaps) or
+    lies right before a block whose data is 4 KiB-aligned, or before a trailing footer at a
+    position aligned the same way, as Windows and vhdfs place them. Anything else that is
+    unreferenced is a leak, however small.
+    """
+    header = image.header
+    assert header is not None
+    used: list[tuple[int, int, bool]] = [(0, image.meta_end, False)]
     for page_no in range(image.bat_pages):
         for index, entry in enumerate(image.read_bat_page(page_no), page_no * BAT_PAGE_ENTRIES):
             if entry != UNALLOCATED and index < image.bat_entries:
-                used.append((entry * SECTOR, entry * SECTOR + image.block_span))
-    header = image.header
-    assert header is not None
+                start = entry * SECTOR
+                aligned = (start + image.bitmap_size) % PADDING == 0
+                used.append((start, start + image.block_span, aligned))
     for locator in header.locators:
         if not locator.is_empty:
-            used.append((locator.data_offset, locator.data_offset + locator.space_bytes))
+            length = max(locator.data_length, locator.space_bytes)
+            used.append((locator.data_offset, locator.data_offset + length, False))
     footer_at = image.file.size - (image.trailing_footer_length or FOOTER_SIZE)
-    used.append((footer_at, image.file.size))
+    used.append((footer_at, image.file.size, (footer_at + image.bitmap_size) % PADDING == 0))
     used.sort()
     leaks = []
     position = 0
-    for start, end in used:
-        if start - position >= PADDING:
+    for start, end, aligned in used:
+        gap = start - position
+        padding = gap < PADDING and (aligned or gap < image.block_span)
+        if gap > 0 and not padding:
             leaks.append((position, start))
         position = max(position, end)
     return leaks

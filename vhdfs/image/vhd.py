@@ -364,8 +364,7 @@ class VhdImage:
         allocation = Allocation(
             block=block,
             entry=entry,
-            zero_from=self.next_free,
-            zero_to=self.file.size,
+            old_footer_end=self.file.size,
             bitmap_offset=start,
             data_offset=data,
             end=data + self.block_size,
@@ -390,10 +389,9 @@ class Allocation:
     block: int
     #: The BAT entry: the sector of the block's bitmap.
     entry: int
-    #: Old bytes past the data (the old trailing footer) that the new block covers: they are
-    #: overwritten with zeros, because unwritten sectors of a block must read as zeros.
-    zero_from: int
-    zero_to: int
+    #: The old end of file: the old trailing footer ends here. Everything of the new block
+    #: from here on is a hole, so its unwritten sectors read as zeros.
+    old_footer_end: int
     bitmap_offset: int
     data_offset: int
     #: End of the block, where the trailing footer moves.
