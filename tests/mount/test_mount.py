@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from tests.support.files import tree_hashes
 from tests.support.images import BuiltChain, Layer, build_chain
 from tests.support.mounting import Mount, is_mounted, vhdfs_command
+from vhdfs.daemon.options import PASS_THROUGH_FLAGS
 from vhdfs.image.create import create_dynamic
 
 pytestmark = pytest.mark.fuse
@@ -237,4 +238,18 @@ def test_mount_of_huge_sparse_image_is_instant_and_small(
     print(
         f"mounted a 2040 GiB sparse image in {time.monotonic() - started:.2f} s, RSS {rss_kib} KiB"
     )
+    assert m.stop() == 0
+
+
+def test_every_pass_through_flag_and_an_awkward_path(
+    tmp_path: Path, mount: Callable[..., Mount]
+) -> None:
+    folder = tmp_path / "odd, näme"
+    folder.mkdir()
+    image = folder / "disk ü,1.vhd"
+    create_dynamic(str(image), MiB)
+    flags = sorted(PASS_THROUGH_FLAGS - {"allow_root"})  # allow_root excludes allow_other
+    m = mount([image], options=[",".join(flags)])
+    assert os.listdir(m.mountpoint) == ["disk ü,1.raw"]
+    assert Path(m.raw("disk ü,1.raw")).read_bytes() == bytes(MiB)
     assert m.stop() == 0

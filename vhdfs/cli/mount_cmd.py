@@ -68,9 +68,9 @@ mount options (-o, comma-separated, may be repeated; also accepted after the pos
                       when the host page cache holds the data, else in a worker thread (for
                       storage that serves parallel reads); thread always in a worker thread
   allow_other, allow_root, auto_unmount, default_permissions, dev, nodev, suid, nosuid,
-  exec, noexec, atime, noatime, relatime, fsname=NAME, subtype=NAME
+  exec, noexec, atime, noatime, fsname=NAME, subtype=NAME
                       passed to FUSE and the kernel
-  defaults, auto, noauto, user, users, nofail, _netdev, x-*, comment=
+  defaults, auto, noauto, user, users, nofail, _netdev, x-*, comment=, relatime, ...
                       fstab words, accepted and ignored
 
 when written data is in the image:

@@ -33,17 +33,28 @@ PASS_THROUGH_FLAGS = frozenset(
         "noexec",
         "atime",
         "noatime",
-        "relatime",
-        "norelatime",
-        "diratime",
-        "nodiratime",
-        "strictatime",
-        "nostrictatime",
     }
 )
-#: Words mount(8) and fstab use that mean nothing to a FUSE file system.
+#: Words mount(8) and fstab use that mean nothing here; the access-time variants libfuse
+#: refuses are accepted too (a raw disk file keeps no access times anyway).
 IGNORED_FLAGS = frozenset(
-    {"defaults", "auto", "noauto", "user", "users", "nouser", "owner", "_netdev", "nofail"}
+    {
+        "defaults",
+        "auto",
+        "noauto",
+        "user",
+        "users",
+        "nouser",
+        "owner",
+        "_netdev",
+        "nofail",
+        "relatime",
+        "norelatime",
+        "strictatime",
+        "nostrictatime",
+        "diratime",
+        "nodiratime",
+    }
 )
 
 

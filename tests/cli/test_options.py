@@ -1,0 +1,68 @@
+"""The -o parser: every vhdfs key, pass-through flags, fstab words, and refusals."""
+
+from __future__ import annotations
+
+import pytest
+
+from vhdfs.daemon.options import (
+    PASS_THROUGH_FLAGS,
+    escape_fuse_value,
+    parse_mount_options,
+)
+from vhdfs.errors import UsageError
+from vhdfs.hostio import IoMode
+
+
+def test_defaults_are_read_write_with_write_back() -> None:
+    options = parse_mount_options([])
+    assert (options.read_only, options.explicit_rw, options.writeback) == (False, False, 5.0)
+    assert (options.cache_size, options.dirty_limit) == (64 << 20, 64 << 20)
+    assert options.io_mode == IoMode.INLINE
+
+
+def test_vhdfs_keys() -> None:
+    options = parse_mount_options(
+        ["rw,cache_size=256M", "writeback=0.5,dirty_limit=8M", "io=auto,overlay=/tmp/o.vhd"]
+    )
+    assert options.explicit_rw
+    assert options.cache_size == 256 << 20
+    assert options.writeback == 0.5
+    assert options.dirty_limit == 8 << 20
+    assert options.io_mode == IoMode.AUTO
+    assert options.overlay == "/tmp/o.vhd"
+    assert parse_mount_options(["sync"]).writeback == 0
+    last_wins = parse_mount_options(["rw", "ro"])
+    assert (last_wins.read_only, last_wins.explicit_rw) == (True, False)
+
+
+def test_pass_through_and_fstab_words() -> None:
+    options = parse_mount_options(
+        [",".join(sorted(PASS_THROUGH_FLAGS)) + ",defaults,nofail,_netdev,x-systemd.idle=1"]
+    )
+    assert sorted(options.fuse_flags) == sorted(PASS_THROUGH_FLAGS)
+    named = parse_mount_options(["fsname=disk,subtype=vhd"])
+    assert (named.fsname, named.subtype) == ("disk", "vhd")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("max_read=4096", "unknown mount option 'max_read=4096' (see vhdfs --help)"),
+        ("kernel_cache", "unknown mount option 'kernel_cache' (see vhdfs --help)"),
+        ("writeback=-1", "writeback=-1: expected seconds from 0 to 86400"),
+        ("writeback=soon", "writeback=soon: expected seconds from 0 to 86400"),
+        ("dirty_limit=4K", "dirty_limit 4K is below the minimum 1 MiB"),
+        ("cache_size=100K", "cache_size 100K is below the minimum 1 MiB"),
+        ("io=fast", "io=fast: expected one of auto, inline, thread"),
+        ("overlay=", "overlay= needs the path of the overlay image"),
+    ],
+)
+def test_refusals(text: str, message: str) -> None:
+    with pytest.raises(UsageError) as caught:
+        parse_mount_options([text])
+    assert str(caught.value) == message
+
+
+def test_fuse_value_escaping() -> None:
+    assert escape_fuse_value("/srv/a,b\\c.vhd") == "/srv/a\\,b\\\\c.vhd"
+    assert escape_fuse_value("/srv/Kind-ü.vhd") == "/srv/Kind-?.vhd"
