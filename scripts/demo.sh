@@ -48,7 +48,7 @@ fusermount3 -u "$work/disk"
 vhd info "$work/sample.vhd"
 
 step "mounted again read-only, the partition loop-mounted: cat hello.txt"
-vhdfs -o ro "$work/sample.vhd" "$work/disk"
+vhdfs -o ro,pidfile="$work/vhdfs.pid" "$work/sample.vhd" "$work/disk"
 attach -r
 mount -o ro "${loop}p1" "$work/guest"
 cat "$work/guest/hello.txt"
@@ -57,10 +57,9 @@ step "unmounting, then vhd check"
 umount "$work/guest"
 losetup -d "$loop"
 loop=""
-# The daemon serving a mount names itself in the user.vhdfs.pid attribute; after the unmount
-# it writes out what is left and exits, releasing the image.
-pid=$(python3 -c 'import os, sys; print(os.getxattr(sys.argv[1], "user.vhdfs.pid").decode())' \
-    "$work/disk")
+# After the unmount the daemon writes out what is left and exits, releasing the image;
+# -o pidfile= told us its PID.
+pid=$(cat "$work/vhdfs.pid")
 fusermount3 -u "$work/disk"
 exited() { ! [ -e "/proc/$1" ] || grep -q '^State:.*zombie' "/proc/$1/status"; }
 until exited "$pid"; do sleep 0.1; done

@@ -72,15 +72,17 @@ def test_returns_only_when_ready_and_exits_cleanly(tmp_path: Path, chain3: Built
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
     m = Mount([str(chain3.leaf)], str(mountpoint))
+    pidfile = tmp_path / "vhdfs.pid"
     try:
-        result = _vhdfs(chain3.leaf, mountpoint)
+        result = _vhdfs(chain3.leaf, mountpoint, "-o", f"pidfile={pidfile}")
         assert (result.returncode, result.stderr) == (0, "")
         # No waiting, no polling: the command returned, so the file must be readable now.
         with open(mountpoint / "layer2.raw", "rb") as f:
             assert f.read(8192) == chain3.expected[:8192]
-        m.pid = int(os.getxattr(mountpoint, "user.vhdfs.pid"))
+        m.pid = int(pidfile.read_text())
         assert m.pid != os.getpid()
         assert m.stop() == 0
+        assert not pidfile.exists()  # removed by the daemon on its way out
     finally:
         m.cleanup()
 
@@ -111,10 +113,16 @@ def test_options_after_positionals(
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
     # The order mount.fuse3 uses: IMAGE MOUNTPOINT -o OPTIONS, with fstab words mixed in.
-    result = _vhdfs(chain3.leaf, mountpoint, "-o", "ro,defaults,nofail,x-systemd.automount,noatime")
+    pidfile = tmp_path / "vhdfs.pid"
+    result = _vhdfs(
+        chain3.leaf,
+        mountpoint,
+        "-o",
+        f"ro,defaults,nofail,x-systemd.automount,noatime,pidfile={pidfile}",
+    )
     assert (result.returncode, result.stderr) == (0, "")
     m = Mount([], str(mountpoint))
-    m.pid = int(os.getxattr(mountpoint, "user.vhdfs.pid"))
+    m.pid = int(pidfile.read_text())
     try:
         with open("/proc/self/mountinfo") as f:
             line = next(line for line in f if line.split()[4] == str(mountpoint))

@@ -1,9 +1,9 @@
 """Real vhdfs mounts for tests, torn down reliably.
 
 ``Mount.start`` runs the real ``vhdfs`` command. Without ``-f`` it daemonizes and returns when
-the mount is ready; the daemon's PID comes from the ``user.vhdfs.pid`` attribute, and because
-the test process is a child subreaper (see conftest) the orphaned daemon is our child, so its
-exit status can be collected. With ``foreground=True`` the process is ours directly.
+the mount is ready; the daemon's PID comes from ``-o pidfile=``, and because the test process
+is a child subreaper (see conftest) the orphaned daemon is our child, so its exit status can be
+collected. With ``foreground=True`` the process is ours directly.
 
 ``Mount.stop`` unmounts with ``fusermount3 -u`` and waits for that PID and its exit status. If
 anything fails it escalates (lazy unmount, SIGTERM, SIGKILL), always to that one PID only, and
@@ -84,10 +84,17 @@ class Mount:
         self.process: subprocess.Popen[bytes] | None = None
         self.stderr = b""
 
+    @property
+    def pidfile(self) -> str:
+        """Where a daemonized mount writes its PID (``-o pidfile=``)."""
+        return self.mountpoint.rstrip("/") + ".pid"
+
     def argv(self) -> list[str]:
         argv = vhdfs_command()
         if self.foreground:
             argv.append("-f")
+        else:
+            argv += ["-o", f"pidfile={self.pidfile}"]
         for option in self.options:
             argv += ["-o", option]
         return argv + self.images + [self.mountpoint]
@@ -111,7 +118,8 @@ class Mount:
         self.stderr = result.stderr
         if result.returncode != 0:
             raise MountFailed(f"vhdfs exited {result.returncode}: {result.stderr.decode().strip()}")
-        self.pid = int(os.getxattr(self.mountpoint, "user.vhdfs.pid"))
+        with open(self.pidfile) as f:
+            self.pid = int(f.read())
         return self
 
     def raw(self, name: str | None = None) -> str:

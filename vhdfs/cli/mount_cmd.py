@@ -25,6 +25,7 @@ from vhdfs.cli.output import error, log_to_syslog, setup_logging
 from vhdfs.daemon.daemonize import StartupPipe, detach
 from vhdfs.daemon.mounts import mount_of
 from vhdfs.daemon.options import MountOptions, escape_fuse_value, parse_mount_options
+from vhdfs.daemon.pidfile import check_pidfile, remove_pidfile, write_pidfile
 from vhdfs.daemon.serve import serve
 from vhdfs.disk import VirtualDisk
 from vhdfs.errors import (
@@ -61,6 +62,8 @@ mount options (-o, comma-separated, may be repeated; also accepted after the pos
                       to the image (default 5); 0 writes through
   sync                the same as writeback=0: a write returns once it is in the image, synced
   dirty_limit=SIZE    most written data held in memory; writers wait above it (default 64M)
+  pidfile=PATH        write the daemon's PID to PATH once the mount is served; removed when
+                      the daemon exits (wait for that before using the image elsewhere)
   cache_size=SIZE     memory for cached metadata and data, e.g. 256M
                       (default {format_size(DEFAULT_CACHE_SIZE)}, minimum 1 MiB)
   io=inline|auto|thread
@@ -283,6 +286,8 @@ def _mount(
     images: list[str], mountpoint: str, options: MountOptions, foreground: bool, debug: bool
 ) -> int:
     single_file = _check_mountpoint(mountpoint, images)
+    if options.pidfile is not None:
+        options.pidfile = check_pidfile(options.pidfile)
     created: str | None = None
     try:
         if options.overlay is not None:
@@ -299,7 +304,7 @@ def _mount(
             os.unlink(created)
         raise
     pipe = None if foreground else detach(os.path.abspath(mountpoint))
-    return _run(disks, pipe)
+    return _run(disks, pipe, options.pidfile)
 
 
 def _check_overlay_parent_or_close(disks: list[VirtualDisk], image: str) -> None:
@@ -335,14 +340,20 @@ def _start(
         raise
 
 
-def _run(disks: list[VirtualDisk], pipe: StartupPipe | None) -> int:
+def _run(disks: list[VirtualDisk], pipe: StartupPipe | None, pidfile: str | None) -> int:
     def on_ready() -> None:
+        if pidfile is not None:
+            write_pidfile(pidfile)
         if pipe is not None:
             pipe.ready()
             log_to_syslog(PROGRAM)
 
     try:
-        stopped_by_signal = trio.run(serve, disks, on_ready)
+        try:
+            stopped_by_signal = trio.run(serve, disks, on_ready)
+        finally:
+            if pidfile is not None:
+                remove_pidfile(pidfile)
     except VhdfsError as exc:
         # The final write-out failed; serve has logged which disk. The mount is finished.
         pyfuse3.close(unmount=True)

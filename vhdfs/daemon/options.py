@@ -69,6 +69,7 @@ class MountOptions:
     writeback: float = DEFAULT_INTERVAL
     dirty_limit: int = DEFAULT_DIRTY_LIMIT
     overlay: str | None = None
+    pidfile: str | None = None
     io_mode: IoMode = IoMode.INLINE
     fsname: str | None = None
     subtype: str | None = None
@@ -124,6 +125,10 @@ def _apply_value(options: MountOptions, key: str, value: str) -> None:
         if not 0 <= seconds <= 86400:
             raise UsageError(None, f"writeback={value}: expected seconds from 0 to 86400")
         options.writeback = seconds
+    elif key == "pidfile":
+        if not value:
+            raise UsageError(None, "pidfile= needs a path")
+        options.pidfile = value
     elif key == "overlay":
         if not value:
             raise UsageError(None, "overlay= needs the path of the overlay image")

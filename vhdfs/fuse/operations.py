@@ -7,8 +7,12 @@ no image logic lives here.
 
 Attributes of a raw file come from its image file (owner, permission bits, times), with the
 write bits removed when the disk is read-only, and ``default_permissions`` makes the kernel
-enforce them. Two extended attributes help scripts: ``user.vhdfs.pid`` (the daemon serving the
-mount) and ``user.vhdfs.image`` (the image behind a raw file).
+enforce them.
+
+There are deliberately no extended attributes: while a file system answers ``getxattr`` at
+all, the kernel asks it for ``security.capability`` before every single write (to clear
+set-uid bits). Leaving ``getxattr`` unimplemented (ENOSYS) makes it stop asking: random 4 KiB
+writes went from 5.5k to 9.6k IOPS.
 """
 
 from __future__ import annotations
@@ -20,15 +24,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pyfuse3
-from pyfuse3 import FileHandleT, FileNameT, InodeT, XAttrNameT
+from pyfuse3 import FileHandleT, FileNameT, InodeT
 
 from vhdfs.disk import VirtualDisk
 from vhdfs.fuse.errno_map import fuse_errors
 
 #: The tree never changes, so the kernel may cache names and attributes for long.
 _TIMEOUT = 3600.0
-_XATTR_PID = b"user.vhdfs.pid"
-_XATTR_IMAGE = b"user.vhdfs.image"
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,18 +214,3 @@ class VhdfsOperations(pyfuse3.Operations):
         data.f_favail = 0
         data.f_namemax = 255
         return data
-
-    async def getxattr(self, inode: InodeT, name: XAttrNameT, ctx: pyfuse3.RequestContext) -> bytes:
-        """``user.vhdfs.pid`` anywhere; ``user.vhdfs.image`` on raw files."""
-        if name == _XATTR_PID:
-            return str(os.getpid()).encode()
-        if name == _XATTR_IMAGE and inode in self.files:
-            return os.fsencode(self.files[inode].disk.chain.leaf.path)
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-
-    async def listxattr(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> Sequence[XAttrNameT]:
-        """The extended attributes of ``inode``."""
-        names = [XAttrNameT(_XATTR_PID)]
-        if inode in self.files:
-            names.append(XAttrNameT(_XATTR_IMAGE))
-        return names
