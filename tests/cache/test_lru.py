@@ -45,8 +45,15 @@ def test_block_cache_stays_within_budget(tmp_path: Path) -> None:
         entry = cache.bat_entry(0, 0)
         host = entry * 512 + 512
         for offset in range(0, 8 << 20, DATA_CHUNK):
+            # The first read of a chunk is done exactly and not cached; the second one is.
+            assert cache.chunk_span(0, host + offset, 4096) == (
+                host + offset,
+                host + offset + 4096,
+                False,
+            )
             start, stop, cacheable = cache.chunk_span(0, host + offset, 4096)
             assert cacheable
+            assert start <= host + offset < host + offset + 4096 <= stop
             data = chain.leaf.file.pread(start, stop - start)
             cache.store_data(0, start, data, cache.data_epoch(0))
             assert (
