@@ -7,6 +7,7 @@ drifts by tens of percent between runs; results are medians with min-max over ro
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -238,6 +239,18 @@ def print_table(results: Results, targets: list[Target], jobs: list[Job], base: 
         row += "".join(f"{results.cell(n, job.name):>22}" for n in names)
         row += "".join(f"{results.ratio(base, o, job.name):>14}" for o in others)
         print(row)
+
+
+def parse_args(description: str, runtime_help: str) -> argparse.Namespace:
+    """The options every benchmark takes; exits early if a tool it needs is missing."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--runtime", type=int, default=5, help=runtime_help)
+    parser.add_argument("-o", dest="options", action="append", default=[], help="vhdfs -o option")
+    args = parser.parse_args()
+    need("fio", "fio")
+    need("qemu-storage-daemon", "qemu-system-common")
+    return args
 
 
 def workdir() -> Path:

@@ -13,13 +13,12 @@ Prints every measurement, then medians with min-max and the ratios vhdfs/qsd and
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
 from pathlib import Path
 
-from harness import Job, Qsd, Vhdfs, ZeroFs, need, print_table, run_rounds, workdir
+from harness import Job, Qsd, Vhdfs, ZeroFs, parse_args, print_table, run_rounds, workdir
 
 SIZE = 1 << 30
 
@@ -66,13 +65,7 @@ def jobs(runtime: int) -> list[Job]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--runtime", type=int, default=5, help="seconds per timed fio job")
-    parser.add_argument("-o", dest="options", action="append", default=[], help="vhdfs -o option")
-    args = parser.parse_args()
-    need("fio", "fio")
-    need("qemu-storage-daemon", "qemu-system-common")
+    args = parse_args(__doc__.splitlines()[0], "seconds per timed fio job")
     folder = workdir()
     try:
         image = make_image(folder)

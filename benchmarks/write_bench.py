@@ -12,12 +12,11 @@ Prints every measurement, then medians with min-max and the ratio vhdfs/qsd.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import subprocess
 from pathlib import Path
 
-from harness import Job, Qsd, Target, Vhdfs, need, print_table, run_rounds, workdir
+from harness import Job, Qsd, Target, Vhdfs, parse_args, print_table, run_rounds, workdir
 
 SIZE = 1 << 30
 
@@ -48,13 +47,7 @@ def jobs(runtime: int) -> list[Job]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--runtime", type=int, default=5, help="seconds of random writes")
-    parser.add_argument("-o", dest="options", action="append", default=[], help="vhdfs -o option")
-    args = parser.parse_args()
-    need("fio", "fio")
-    need("qemu-storage-daemon", "qemu-system-common")
+    args = parse_args(__doc__.splitlines()[0], "seconds of random writes")
     folder = workdir()
     try:
         for subformat in ("fixed", "dynamic"):
