@@ -34,6 +34,9 @@ import trio
 from vhdfs.errors import HostIOError
 from vhdfs.image.hostfile import HostFile
 
+#: Host writes at least this long go to a worker thread (see ``HostIO.write``).
+THREAD_WRITE_MIN = 256 << 10
+
 
 class IoMode(StrEnum):
     """Where host reads run."""
@@ -152,6 +155,18 @@ class HostIO:
         self.thread_reads += 1
         data: bytes = await self._pool.run(file.pread, offset, length)
         return data
+
+    async def write(self, file: HostFile, offset: int, chunks: list[memoryview]) -> int:
+        """Write ``chunks`` one after the other from ``offset``; return the bytes written.
+
+        Runs of at least ``THREAD_WRITE_MIN`` bytes are written by a worker thread, so the trio
+        thread keeps taking requests meanwhile (the copy into the host page cache releases
+        the GIL); shorter ones inline, where a thread hop would cost more than the write.
+        """
+        if sum(len(chunk) for chunk in chunks) >= THREAD_WRITE_MIN:
+            written: int = await self._pool.run(file.pwritev, offset, chunks)
+            return written
+        return file.pwritev(offset, chunks)
 
     async def sync(self, file: HostFile) -> None:
         """``fdatasync`` the file in a worker thread (it can take long)."""
