@@ -12,6 +12,7 @@ Prints every measurement, then medians with min-max and the ratio vhdfs/qsd.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -69,7 +70,9 @@ def main() -> None:
 
             def fresh(target: Target, template: Path = template) -> Path:
                 image = folder / f"{target.name}.vhd"
-                shutil.copyfile(template, image)
+                # Sparse copy, then sync: the copy's own writeback must not compete with the run.
+                subprocess.run(["cp", "--sparse=always", str(template), str(image)], check=True)
+                os.sync()
                 return image
 
             targets: list[Target] = [
