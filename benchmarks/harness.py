@@ -1,8 +1,9 @@
 """Side-by-side fio runs against vhdfs, qemu-storage-daemon's FUSE export, and the zerofs ceiling.
 
 Every target is started as a foreground process this script owns (by PID) and stopped the
-same way. Rounds are interleaved (target order rotates each round) because this shared machine
-drifts by tens of percent between runs; results are medians with min-max over rounds.
+same way. Rounds are interleaved (target order rotates each round) because a machine shared
+with other work drifts by tens of percent between runs; results are medians with min-max over
+rounds.
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import json
 import lzma
 import os
 import shutil
@@ -17,12 +16,9 @@ from tests.support.mounting import Mount
 
 
 def _corpus_dir() -> Path:
-    """The sample corpus: $VHDFS_CORPUS, else the shared one beside the checkout, else ours."""
+    """The sample corpus: ``tests/corpus``, or another of the same shape in $VHDFS_CORPUS."""
     if os.environ.get("VHDFS_CORPUS"):
         return Path(os.environ["VHDFS_CORPUS"])
-    shared = Path(__file__).resolve().parents[2] / "shared" / "corpus"
-    if (shared / "manifest.json").exists():
-        return shared
     return Path(__file__).resolve().parent / "corpus"
 
 
@@ -90,13 +86,6 @@ def mount(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
     finally:
         for m in started:
             m.cleanup()
-
-
-@pytest.fixture(scope="session")
-def corpus_manifest() -> dict[str, Any]:
-    with open(CORPUS / "manifest.json") as f:
-        manifest: dict[str, Any] = json.load(f)
-    return manifest
 
 
 def unpack_case(case: dict[str, Any], target: Path) -> Path:

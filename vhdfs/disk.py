@@ -8,7 +8,8 @@ host read per contiguous allocated run, done through HostIO. The dirty sectors g
 
 Writes are whole sectors by the time they reach the write-back layer: the partial sectors at
 either end of a request are first completed with what the disk holds there now (for a
-differencing disk that is the parent's data: the "copy up" the format requires, §12.5).
+differencing disk that is the parent's data: the "copy up" the bitmap's sector granularity
+requires).
 The raw file behaves like a block device: its size is fixed, a write starting at or past the
 end fails with ENOSPC and one crossing the end is cut short.
 """
@@ -40,6 +41,9 @@ class DiskStatistics:
     reads: int
     bytes_read: int
     host_reads: int
+    #: Host reads answered on the trio thread and by worker threads (see ``-o io=``).
+    inline_reads: int
+    thread_reads: int
     writes: int
     bytes_written: int
     cache: CacheStatistics
@@ -134,7 +138,7 @@ class VirtualDisk:
             raise ReadOnlyError(self.chain.leaf.path, "the disk is mounted read-only")
         if not data:
             return 0
-        if offset >= self.size and len(data):
+        if offset >= self.size:
             raise NoSpaceError(
                 self.chain.leaf.path, f"write at {offset} is past the end of the disk"
             )
@@ -169,6 +173,8 @@ class VirtualDisk:
             reads=self._reads,
             bytes_read=self._bytes_read,
             host_reads=self._host_reads,
+            inline_reads=self.hostio.inline_reads,
+            thread_reads=self.hostio.thread_reads,
             writes=self._writes,
             bytes_written=self._bytes_written,
             cache=self.cache.statistics(),

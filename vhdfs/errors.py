@@ -97,11 +97,7 @@ class ChainError(VhdfsError):
 
 
 class ParentNotFoundError(ChainError):
-    """No candidate path holds the parent; ``tried`` lists every path looked at."""
-
-    def __init__(self, path: str | os.PathLike[str], message: str, tried: list[str]) -> None:
-        self.tried = tried
-        super().__init__(path, message)
+    """No candidate path holds the parent; the message lists every path looked at."""
 
 
 class ParentIdMismatchError(ChainError):

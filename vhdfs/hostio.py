@@ -8,7 +8,7 @@ Three policies, chosen with ``-o io=``:
   cache, and sends just the part that would block to a worker thread.
 * ``thread`` always hops to a worker thread.
 
-The default is measured, not assumed: on the reference machine (2 cores, virtio disk), 4 KiB
+The default is measured, not assumed: on a 2-core virtual machine with a virtio disk, 4 KiB
 random reads with a cold page cache ran at 4.0-5.5k IOPS inline and 2.9-3.6k with ``auto``,
 with one reader and with four, because the disk did not serve reads in parallel and every hop
 costs. Storage that does (NVMe, network file systems) is where ``auto`` pays off.
@@ -106,11 +106,11 @@ class WorkerPool:
 
 
 class HostIO:
-    """Reads host files for the async layers.
+    """Blocking host I/O for the async layers: reads, long writes and syncs.
 
     Args:
-        mode: The thread policy (see module docstring).
-        threads: Worker threads for reads that would block.
+        mode: The thread policy for reads (see module docstring).
+        threads: Worker threads for reads that would block, long writes and syncs.
     """
 
     def __init__(self, mode: IoMode = IoMode.INLINE, threads: int = 4) -> None:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import re
 
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:I?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([KMGTP])(?:I?B)?|B)?\s*$", re.IGNORECASE)
 
 
 def parse_size(text: str) -> int:
@@ -25,9 +25,9 @@ def parse_size(text: str) -> int:
     """
     match = _SIZE_RE.match(text)
     if not match:
-        raise ValueError(f"not a size: {text!r} (use a number with an optional K, M, G or T)")
+        raise ValueError(f"not a size: {text!r} (use a number with an optional K, M, G, T or P)")
     number, unit = match.groups()
-    factor = _UNITS[unit.upper()]
+    factor = _UNITS[(unit or "").upper()]
     if "." in number:
         whole, frac = number.split(".")
         scale: int = 10 ** len(frac)

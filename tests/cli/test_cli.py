@@ -125,7 +125,7 @@ def test_create_fixed_is_sparse(tmp_path: Path) -> None:
         (["IMAGE"], "SIZE is required without --parent"),
         (
             ["IMAGE", "lots"],
-            "size: not a size: 'lots' (use a number with an optional K, M, G or T)",
+            "size: not a size: 'lots' (use a number with an optional K, M, G, T or P)",
         ),
         (
             ["-b", "512", "IMAGE", "2040G"],

@@ -34,7 +34,7 @@ GiB = 1 << 30
 @pytest.mark.parametrize(
     ("size", "expected"),
     [
-        # Values from the format reference (§4), which every peer computes identically.
+        # Values QEMU, VirtualBox and blktap all compute identically.
         (64 * MiB, Geometry(963, 8, 17)),
         (GiB, Geometry(2080, 16, 63)),
         (100 * GiB, Geometry(51400, 16, 255)),
@@ -207,8 +207,7 @@ def test_bitmap_runs_match_bits(bits: list[bool], data: st.DataObject) -> None:
     assert expanded == bits[first : first + count]
     assert all(a[2] != b[2] for a, b in itertools.pairwise(runs))
     assert runs[0][0] == first
-    assert bitmap.count() == sum(bits)
-    assert bitmap.is_full() == all(bits)
+    assert bitmap.bits == "".join("1" if b else "0" for b in bits)
 
 
 def test_bitmap_set_range() -> None:
@@ -218,6 +217,3 @@ def test_bitmap_set_range() -> None:
     assert bitmap.raw[0] == 0b0111_0000
     assert bitmap.raw[511] == 1
     assert bitmap.runs(0, 5) == [(0, 1, False), (1, 3, True), (4, 1, False)]
-    full = SectorBitmap.full(8, 512)
-    assert full.is_full()
-    assert full.raw[:2] == b"\xff\x00"

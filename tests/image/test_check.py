@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 from tests.support.images import Layer, build_chain
-from tests.support.vhdwrite import corrupt_footer_checksum, rewrite_footers
+from tests.support.vhdwrite import corrupt_footer_checksum, rewrite_footers, rewrite_header
 from vhdfs.image.check import check_chain
 from vhdfs.image.create import create_differencing, create_dynamic
 from vhdfs.image.hostfile import HostFile
+from vhdfs.image.vhd import VhdImage
 
 MiB = 1 << 20
 
@@ -122,3 +123,19 @@ def test_two_entries_for_one_block(tmp_path: Path) -> None:
         f"error: {built.leaf}: BAT entries at sectors {sector} and {sector} overlap "
         "(a block spans 4097 sectors)"
     ]
+
+
+def test_short_bat_is_served_read_only_and_reported_once(tmp_path: Path) -> None:
+    image = tmp_path / "d.vhd"
+    create_dynamic(str(image), 4 * MiB)
+    rewrite_header(image, {28: struct.pack(">I", 1)})  # one entry for a disk of two blocks
+    opened = VhdImage.open(str(image), writable=True)
+    try:
+        expected = (
+            f"dynamic header max table entries 1 cover {2 * MiB} bytes, less than the disk's "
+            f"{4 * MiB}; the rest reads as zeros"
+        )
+        assert opened.write_problem() == expected
+    finally:
+        opened.close()
+    assert _findings(image) == [f"error: {image}: {expected}"]

@@ -14,8 +14,8 @@ pytestmark = pytest.mark.fuse
 
 MiB = 1 << 20
 
-# libvhdi treats every sector after the first set bit of a bitmap byte as present (format
-# reference §9.1), so these layers change whole bitmap bytes: runs of 8 sectors, 8-aligned.
+# libvhdi treats every sector after the first set bit of a bitmap byte as present, so these
+# layers change whole bitmap bytes: runs of 8 sectors, 8-aligned.
 CASES = {
     "fixed": [Layer(kind="fixed", writes=[(0, 8), (2048, 64), (20472, 8)])],
     "dynamic": [Layer(writes=[(8, 16), (4088, 16), (20472, 8)])],

@@ -161,7 +161,7 @@ def test_usage_errors(tmp_path: Path, chain3: BuiltChain) -> None:
     _assert_refused(
         _vhdfs("-o", "cache_size=12Q", chain3.leaf, mountpoint),
         2,
-        "cache_size: not a size: '12Q' (use a number with an optional K, M, G or T)",
+        "cache_size: not a size: '12Q' (use a number with an optional K, M, G, T or P)",
     )
     _assert_refused(
         _vhdfs(chain3.leaf, tmp_path / "missing"),

@@ -31,7 +31,8 @@ SIZE = 16 * MiB
 
 # Phase 1 is written, fsynced and unmounted cleanly; phase 2 is being flushed when the crash
 # comes. Both mix new blocks, existing blocks and partial sectors; all of it 4 KiB aligned
-# except one write, so vhdimount's view can be compared too (format reference §9.1).
+# except one write, so vhdimount's view can be compared too (libvhdi misreads partial bitmap
+# bytes).
 PHASE1 = [(0, 64 * 1024), (3 * MiB, 12 * 1024), (9 * MiB + 4096, 2 * MiB)]
 PHASE2 = [(32 * 1024, 64 * 1024), (5 * MiB, 8192), (9 * MiB, 3 * MiB), (14 * MiB, 4096)]
 PHASE2_UNALIGNED = (3 * MiB + 100, 300)

@@ -19,7 +19,7 @@ When data reaches the image
   killed afterwards.
 * The flusher task, ``interval`` seconds after the first write since the last flush.
 * Sooner when dirty data passes ``dirty_limit``: writers then wait for the flusher.
-* Unmount and SIGTERM: everything, synced.
+* Unmount, SIGTERM, SIGINT and SIGHUP: everything, synced.
 * Write-through (``interval`` 0): every write is flushed and synced before it is acknowledged.
 
 Write order of one flush (dynamic and differencing images)
@@ -47,21 +47,22 @@ Then, once for the whole flush:
    sector (never a 4-byte write that a torn write could spread to neighbours).
 6. ``fdatasync`` again if the flush must be durable.
 
-What a crash (kill -9, power loss) can leave behind, at each point:
+What a crash (kill -9, power loss) can leave behind, at each point (the names are the crash
+points of ``vhdfs.faults`` that the crash tests stop the daemon at):
 
-======================  =====================================================================
-crash after             state of the image on disk
-======================  =====================================================================
-A (data written)        valid; the new data may or may not be there (it was never synced)
-B1 (footer at E)        valid: a trailing footer at the end; the space before it is leaked
-                        (a later retry of the same block reuses that space)
-B2 (block written)      valid: the BAT does not reference the block yet; space leaked
-3 (synced)              valid; the data is durable but not yet referenced (leaked, or bits
-                        clear: those sectors still read as before)
-4 (bitmaps written)     valid; the new bits point at synced data
-5 (BAT written)         valid; each BAT entry points at a fully written, synced block
-6 (synced)              valid and durable: everything acknowledged by fsync is in the image
-======================  =====================================================================
+===============================  ==============================================================
+crash after                      state of the image on disk
+===============================  ==============================================================
+A ``flush-data-written``         valid; the new data may or may not be there (never synced)
+B1 ``alloc-footer-written``      valid: a trailing footer at the end; the space before it is
+                                 leaked (within the same mount a retry of the block reuses it)
+B2 ``alloc-block-written``       valid: the BAT does not reference the block yet; space leaked
+3 ``flush-data-synced``          valid; the data is durable but not yet referenced (leaked, or
+                                 bits clear: those sectors still read as before)
+4 ``flush-bitmaps-written``      valid; the new bits point at synced data
+5 ``flush-bat-written``          valid; each BAT entry points at a fully written, synced block
+6 (synced)                       valid and durable: everything acknowledged by fsync is there
+===============================  ==============================================================
 
 Fixed images have no metadata: data is written in place and synced when durability is asked.
 
@@ -288,7 +289,7 @@ class WriteBack:
     Args:
         chain: The chain whose leaf receives the writes.
         cache: The block cache, kept consistent with what is written.
-        hostio: Runs ``fdatasync`` away from the trio thread.
+        hostio: Writes long data runs and runs ``fdatasync`` away from the trio thread.
         interval: Seconds before the flusher writes dirty data; 0 means write-through.
         dirty_limit: Dirty bytes above which writers wait for the flusher.
     """

@@ -33,6 +33,7 @@ from vhdfs.errors import (
     ImageBusyError,
     ImageError,
     MountError,
+    ParentIdMismatchError,
     UsageError,
     VhdfsError,
 )
@@ -74,7 +75,7 @@ mount options (-o, comma-separated, may be repeated; also accepted after the pos
   exec, noexec, atime, noatime, fsname=NAME, subtype=NAME
                       passed to FUSE and the kernel
   defaults, auto, noauto, user, users, nofail, _netdev, x-*, comment=, relatime, ...
-                      fstab words, accepted and ignored
+                      fstab words, accepted and ignored (the README lists them all)
 
 when written data is in the image:
   close() of the raw file returns   written into the image file (survives the daemon)
@@ -84,7 +85,7 @@ when written data is in the image:
 
 the mountpoint:
   a directory         holds one NAME.raw per IMAGE (NAME is the image file name without
-                      .vhd), sized to the virtual disk
+                      .vhd or .avhd), sized to the virtual disk
   a regular file      (one IMAGE only) becomes the raw disk itself
 
 examples:
@@ -268,7 +269,9 @@ def _check_overlay_parent(disk: VirtualDisk, image: str) -> None:
     base = os.stat(image)
     if len(layers) < 2 or not os.path.samestat(os.fstat(layers[1].file.fd), base):
         parent = layers[1].path if len(layers) > 1 else "nothing"
-        raise UsageError(layers[0].path, f"overlay is a child of {parent}, not of {image}")
+        raise ParentIdMismatchError(
+            layers[0].path, f"overlay is a child of {parent}, not of {image}"
+        )
 
 
 def _fuse_options(disks: list[VirtualDisk], options: MountOptions, debug: bool) -> set[str]:

@@ -1,4 +1,4 @@
-"""``vhd``: image tools (``info``, ``create``)."""
+"""``vhd``: image tools (``info``, ``check``, ``create``)."""
 
 from __future__ import annotations
 
@@ -37,8 +37,10 @@ examples:
   vhd check snapshot.vhd                          # verify the whole chain
 
 exit status:
-  0 success   2 bad usage   3 unusable image   4 broken parent chain   1 unexpected error
-  (vhd check: 0 clean, 1 problems found, 2 cannot read)
+  0 success            3 an image is unusable           6 an image is in use
+  1 unexpected error   4 a parent chain is broken       7 host I/O error
+  2 bad usage
+  vhd check has its own: 0 no errors, 1 errors found, 2 a file cannot be read
 """
 
 _CREATE_EPILOG = """\
@@ -76,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="verify the structure of an image and its parent chain (never writes)",
         description="Verify an image and every parent: checksums, the footer copy, the "
         "dynamic header, BAT entries (inside the file, clear of metadata and of each other), "
-        "bitmap sizes, parent unique ids, and unreferenced (leaked) space. One line per "
+        "parent locators and unique ids, and unreferenced (leaked) space. One line per "
         "finding. Exit status: 0 clean (leaks and warnings allowed), 1 problems found, 2 a "
         "file could not be read (or is in use by a writer).",
     )

@@ -1,7 +1,9 @@
 """Who has an image mounted: vhdfs mounts as the kernel lists them in /proc/self/mountinfo.
 
-Used to name the holder when an image is locked: every vhdfs mount carries its leaf image's
-path as ``fsname``, which mountinfo shows as the mount source.
+Used to name the holder when an image is locked: a vhdfs mount carries the path of its first
+image (the overlay, with ``-o overlay=``) as ``fsname``, which mountinfo shows as the mount
+source. When ``-o fsname=`` replaced it, or the path had characters libfuse cannot carry (they
+become ``?``), the holder is not found and the error says only that the image is in use.
 """
 
 from __future__ import annotations

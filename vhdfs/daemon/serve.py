@@ -55,7 +55,10 @@ async def serve(disks: Sequence[VirtualDisk], on_ready: Callable[[], None] | Non
                     stopped_by_signal = True
                     pyfuse3.terminate()
                 else:
-                    log.warning("%s received while writing out; finishing first", signum)
+                    log.warning(
+                        "%s received while writing out; finishing first",
+                        signal.Signals(signum).name,
+                    )
 
     failure: VhdfsError | None = None
     async with trio.open_nursery() as nursery:

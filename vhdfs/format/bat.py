@@ -1,4 +1,4 @@
-"""Block Allocation Table pages: big-endian u32 sector numbers <-> ``array('I')`` (spec §7).
+"""Block Allocation Table pages: big-endian u32 sector numbers <-> ``array('I')``.
 
 The BAT is handled in pages of ``BAT_PAGE_ENTRIES`` entries so that a 2 TiB image never needs
 its whole 4 MiB table in memory; pages go through the block cache like any other metadata.

@@ -1,4 +1,4 @@
-"""Sector bitmaps of dynamic and differencing blocks (spec §9).
+"""Sector bitmaps of dynamic and differencing blocks.
 
 Bit *k* of a block's bitmap says whether sector *k* is stored in this file; bits are
 most-significant-first (mask ``0x80 >> k % 8``). A bitmap is kept both as its raw bytes and as
@@ -33,22 +33,6 @@ class SectorBitmap:
         used = -(-sectors // 8)
         value = int.from_bytes(self.raw[:used], "big")
         self.bits = format(value, f"0{used * 8}b")[:sectors]
-
-    @classmethod
-    def full(cls, sectors: int, size: int) -> SectorBitmap:
-        """A bitmap of ``size`` bytes with every sector present."""
-        used = -(-sectors // 8)
-        raw = bytearray(size)
-        raw[:used] = b"\xff" * used
-        return cls(raw, sectors)
-
-    def is_full(self) -> bool:
-        """True when every sector of the block is present."""
-        return "0" not in self.bits
-
-    def count(self) -> int:
-        """Number of sectors present."""
-        return self.bits.count("1")
 
     def runs(self, first: int, count: int) -> list[tuple[int, int, bool]]:
         """Split sectors ``[first, first + count)`` into runs of equal state.

@@ -1,4 +1,4 @@
-"""The one's-complement byte-sum checksum of the footer and the dynamic header (spec §3)."""
+"""The one's-complement byte-sum checksum of the footer and the dynamic header."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CHS geometry: the spec's algorithm from size to cylinders/heads/sectors (§4)."""
+"""CHS geometry: the spec's algorithm from size to cylinders/heads/sectors."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from vhdfs.format.layout import SECTOR
 
-#: 65535/16/255: the largest geometry, and the sentinel meaning "size is Current size" (§4, §13).
+#: 65535/16/255: the largest geometry, and the sentinel meaning "size is Current size".
 MAX_CYLINDERS = 65535
 MAX_HEADS = 16
 MAX_SECTORS_PER_TRACK = 255
@@ -70,7 +70,7 @@ def geometry_to_store(size: int) -> Geometry:
 
     When the spec's geometry describes the size exactly, store it. Otherwise store the
     65535/16/255 sentinel (QEMU's ``force_size`` convention): QEMU sizes images with an unknown
-    creator by geometry, and only the sentinel makes it use Current size (§13.4).
+    creator by geometry, and only the sentinel makes it use Current size.
     """
     geometry = geometry_for_size(size)
     return geometry if geometry.size == size else MAX_GEOMETRY

@@ -13,12 +13,12 @@ from construct import Array, Bytes, Int8ub, Int16ub, Int32ub, Int64ub, Struct
 
 SECTOR = 512
 FOOTER_SIZE = 512
-OLD_FOOTER_SIZE = 511  # Virtual PC before 2004 dropped the last reserved byte (§14.1)
+OLD_FOOTER_SIZE = 511  # Virtual PC before 2004 dropped the last reserved byte
 HEADER_SIZE = 1024
 LOCATOR_COUNT = 8
 
 FOOTER_COOKIE = b"conectix"
-POISON_COOKIE = b"v_poison"  # blktap marks a disabled image this way (§10)
+POISON_COOKIE = b"v_poison"  # blktap marks a disabled image this way
 HEADER_COOKIE = b"cxsparse"
 VHDX_SIGNATURE = b"vhdxfile"
 BATMAP_COOKIE = b"tdbatmap"
@@ -32,7 +32,7 @@ UNALLOCATED = 0xFFFFFFFF
 #: Offsets of the checksum fields, for the checksum helpers.
 FOOTER_CHECKSUM_OFFSET = 64
 HEADER_CHECKSUM_OFFSET = 36
-#: Footer byte blktap uses as its "hidden" flag (§3 quirk).
+#: Footer byte blktap uses as its "hidden" flag.
 FOOTER_HIDDEN_OFFSET = 85
 
 #: Seconds between the Unix epoch and the VHD epoch, 2000-01-01 00:00:00 UTC.
@@ -48,7 +48,7 @@ class DiskType(IntEnum):
 
 
 class PlatformCode(IntEnum):
-    """Parent locator platform codes (§8.1)."""
+    """Parent locator platform codes."""
 
     NONE = 0
     WI2R = 0x57693272  # "Wi2r": deprecated relative path, 8-bit
@@ -104,7 +104,7 @@ DYNAMIC_HEADER = Struct(
     "reserved2" / Bytes(256),
 )
 
-#: blktap's batmap header (§10); only the fields vhdfs needs to recognise encryption.
+#: blktap's batmap header; only the fields vhdfs needs to recognise encryption.
 BATMAP_HEADER = Struct(
     "cookie" / Bytes(8),
     "batmap_offset" / Int64ub,

@@ -49,7 +49,7 @@ def _hex(value: int) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Footer:
-    """The hard disk footer (spec §2). ``reserved`` is kept verbatim for rewriting."""
+    """The hard disk footer. ``reserved`` is kept verbatim for rewriting."""
 
     features: int
     format_version: int
@@ -81,7 +81,7 @@ class Footer:
 
 @dataclass(frozen=True, slots=True)
 class ParentLocator:
-    """One of the eight parent locator entries of a dynamic header (spec §8)."""
+    """One of the eight parent locator entries of a dynamic header."""
 
     platform_code: int
     data_space: int
@@ -105,7 +105,7 @@ class ParentLocator:
         """Room reserved for the locator data, in bytes.
 
         The spec says sectors, but Windows, VirtualBox and blktap store bytes. blktap's rule
-        works for every file seen: below 512 it is a sector count, otherwise bytes (§8).
+        works for every file seen: below 512 it is a sector count, otherwise bytes.
         """
         if self.data_space < SECTOR:
             return self.data_space * SECTOR
@@ -117,7 +117,7 @@ EMPTY_LOCATOR = ParentLocator(0, 0, 0, 0, 0)
 
 @dataclass(frozen=True, slots=True)
 class DynamicHeader:
-    """The dynamic disk header of dynamic and differencing images (spec §6)."""
+    """The dynamic disk header of dynamic and differencing images."""
 
     data_offset: int
     table_offset: int
@@ -337,7 +337,7 @@ def build_dynamic_header(header: DynamicHeader) -> bytes:
 
 
 def encode_parent_name(name: str) -> bytes:
-    """The header's parent name field: UTF-16BE, NUL-padded to 512 bytes (spec §6)."""
+    """The header's parent name field: UTF-16BE, NUL-padded to 512 bytes."""
     raw = name.encode("utf-16-be")
     if len(raw) > 512:
         raise ValueError(f"parent name {name!r} is longer than 256 UTF-16 code units")

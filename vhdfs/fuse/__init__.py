@@ -1,1 +1,5 @@
-"""The FUSE boundary: the only package that imports pyfuse3 (besides the daemon)."""
+"""The FUSE boundary: request handlers.
+
+pyfuse3 is imported only here, by the daemon's loop and by the mount command, which creates
+the session.
+"""

@@ -4,7 +4,7 @@
 always opened read-only. Each parent must carry the unique id its child records; a path or a
 unique id seen twice is a loop. ``plan_read`` maps a byte range of the virtual disk to extents:
 runs of host bytes in one layer, or zeros. It takes each sector from the nearest layer whose
-bitmap has it (spec §12.1) and needs nothing but the metadata it asks ``meta`` for, so it is
+bitmap has it and needs nothing but the metadata it asks ``meta`` for, so it is
 tested without FUSE or trio.
 """
 
@@ -56,8 +56,6 @@ class ParentLink:
 
     path: str
     found_by: str
-    expected_id: bytes
-    tried: tuple[str, ...]
 
 
 class Chain:
@@ -237,7 +235,7 @@ def _open_parent(
             mismatched.append(f"{candidate.path} has id {parent.footer.unique_id.hex()}")
             parent.close()
             continue
-        link = ParentLink(candidate.path, candidate.source, expected, tuple(tried))
+        link = ParentLink(candidate.path, candidate.source)
         return parent, link
     if mismatched:
         raise ParentIdMismatchError(
@@ -250,7 +248,6 @@ def _open_parent(
     raise ParentNotFoundError(
         child.path,
         f"parent {name!r} not found; tried: " + (", ".join(tried) or "no locator or name"),
-        tried,
     )
 
 

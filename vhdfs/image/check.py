@@ -1,6 +1,6 @@
 """``vhd check``: structural verification of an image and its whole chain. It never writes.
 
-Each layer is opened exactly as a mount would open it (every check of ``VhdImage.open``:
+Each layer is opened, read-only, with every check a mount makes (those of ``VhdImage.open``:
 checksums, versions, header fields, BAT entries inside the file, clear of metadata and of each
 other, locators), then checked further for what does not stop a read-only open: the footer
 copy at offset 0 against the trailing footer, the state that makes an image unsafe to write,
@@ -84,9 +84,10 @@ def _record_open_failure(report: CheckReport, path: str, exc: VhdfsError) -> Non
 
 
 def _check_layer(image: VhdImage, report: CheckReport) -> None:
-    for warning in image.warnings:
-        report.findings.append(Finding("warning", image.path, warning))
     problem = image.write_problem()
+    for warning in image.warnings:
+        if warning != problem:  # reported once, below, as what it is
+            report.findings.append(Finding("warning", image.path, warning))
     if problem is not None:
         severity = "warning" if image.footer.saved_state else "error"
         report.findings.append(Finding(severity, image.path, problem))

@@ -1,6 +1,6 @@
 """Creating new fixed, dynamic and differencing images (``vhd create``).
 
-Layout of a new dynamic or differencing image (format reference §11.1, §12.6)::
+Layout of a new dynamic or differencing image::
 
     0       footer copy
     512     dynamic header
@@ -11,8 +11,8 @@ Layout of a new dynamic or differencing image (format reference §11.1, §12.6):
 Choices that matter to other tools:
 
 * Creator ``vhfs``. Geometry is the spec's CHS when it describes the size exactly, otherwise
-  65535/16/255, so QEMU (which sizes unknown creators by geometry) agrees on the size (§13.4).
-* Original size = Current size: libvhdi sizes disks by Original size (§13.3).
+  65535/16/255, so QEMU (which sizes unknown creators by geometry) agrees on the size.
+* Original size = Current size: libvhdi sizes disks by Original size.
 * A child stores the parent's base name in the header (the only thing vhdimount looks at), a
   relative W2ru locator, an absolute W2ku locator (POSIX path with backslashes) and an absolute
   MacX URL; its parent time stamp is the parent file's mtime, as blktap and DiscUtils write it.
@@ -29,7 +29,7 @@ import uuid
 from urllib.parse import quote
 
 from vhdfs import __version__
-from vhdfs.errors import UsageError
+from vhdfs.errors import HostIOError, UsageError
 from vhdfs.format.bat import empty_table, table_bytes
 from vhdfs.format.geometry import geometry_to_store
 from vhdfs.format.layout import (
@@ -59,9 +59,9 @@ CREATOR_APP = b"vhfs"
 # The spec defines only "Wi2k" and "Mac " as host OS codes; QEMU writes "Wi2k" too.
 CREATOR_OS = b"Wi2k"
 DEFAULT_BLOCK_SIZE = 2 << 20
-#: QEMU's and Windows' limit for every VHD type: 2040 GiB (§14.5).
+#: QEMU's and Windows' limit for every VHD type: 2040 GiB.
 MAX_SIZE = 0xFF000000 * SECTOR
-#: Block sizes blktap and Virtual PC are known to open (§14.16).
+#: Block sizes blktap and Virtual PC are known to open.
 WIDELY_SUPPORTED_BLOCK_SIZES = (512 << 10, 2 << 20)
 #: Largest BAT ``vhd create`` writes; tiny blocks on a huge disk would need gigabytes of table.
 MAX_TABLE_BYTES = 64 << 20
@@ -235,13 +235,20 @@ def _write_new(path: str, pieces: list[tuple[int, bytes]], size: int) -> None:
         for offset, data in pieces:
             os.pwrite(fd, data, offset)
         os.fsync(fd)
-    except BaseException:
+    except BaseException as exc:
         os.close(fd)
         os.unlink(path)
+        if isinstance(exc, OSError):
+            raise HostIOError(path, f"cannot write: {exc.strerror}", exc.errno) from exc
         raise
     os.close(fd)
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise HostIOError(
+            path, f"created, but its folder could not be synced: {exc.strerror}", exc.errno
+        ) from exc

@@ -5,8 +5,8 @@ the file size is tracked here because allocation decisions depend on it.
 
 Locks are OFD locks (``F_OFD_SETLK``) on the whole file: they belong to the open file
 description, so unlike classic POSIX locks they are not dropped when some other descriptor of
-the same file in this process is closed, and they conflict with the byte-range locks QEMU takes
-(spec §16).
+the same file in this process is closed, and they conflict both ways with the byte-range locks
+QEMU takes.
 """
 
 from __future__ import annotations

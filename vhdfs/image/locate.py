@@ -1,6 +1,6 @@
 """Where a differencing disk's parent may be: candidate paths from locators and the name.
 
-The order follows the format reference (§12.2): the relative Windows locator (W2ru), the MacX
+The order: the relative Windows locator (W2ru), the MacX
 URL, the absolute Windows locator (W2ku, which blktap fills with a relative path), the deprecated
 8-bit ones, and finally the header's parent name in the child's own folder (the only method
 vhdimount knows). Relative paths are resolved against the folder of the child, never against

@@ -1,6 +1,6 @@
 """VhdImage: one VHD file (fixed, dynamic or differencing), opened and validated.
 
-Opening follows the checklist of the format reference (§15): find a valid footer (the trailing
+Opening checks everything before anything is served: find a valid footer (the trailing
 one, a 511-byte one, or the copy at offset 0), read and check the dynamic header, check that the
 BAT fits in the file, then stream through the BAT once to check every allocated entry (inside
 the file, clear of metadata, not overlapping another block) and to learn where data ends.
@@ -46,8 +46,9 @@ from vhdfs.image.hostfile import HostFile
 
 log = logging.getLogger(__name__)
 
-#: blktap creator versions from which a batmap follows the BAT (§10).
-_TAP_BATMAP_VERSION = 0x00010002
+#: blktap writes a batmap after the BAT from creator version 1.2; version 1.1 images may have
+#: one too, so from 1.1 on the cookie decides.
+_TAP_BATMAP_FROM = 0x00010001
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +91,7 @@ class VhdImage:
         self.trailing_footer_offset = location.trailing_offset
         self.footer_copy_matches = location.copy_matches
         self.footer_raw = location.raw
-        #: Current size rounded down to whole sectors (§13.2).
+        #: Current size rounded down to whole sectors (the size Hyper-V, Azure and blktap use).
         self.virtual_size = footer.current_size - footer.current_size % SECTOR
         self.warnings: list[str] = [location.note] if location.note else []
         if header is None:
@@ -106,13 +107,15 @@ class VhdImage:
             #: Bytes a block occupies in the file: bitmap then data.
             self.block_span = self.bitmap_size + self.block_size
             needed = -(-self.virtual_size // self.block_size)
-            #: BAT entries that describe the disk (the table may hold more, §6).
+            #: BAT entries that describe the disk (blktap tables hold more, for growth).
             self.bat_entries = min(header.max_table_entries, needed)
         self.meta_end = 0
         self.data_end = 0
         self.allocated_blocks = 0
-        #: Where the next block may start (§11.2): past metadata, data and the footer.
+        #: Where the next block may start: past metadata, data and the footer.
         self.next_free = 0
+        #: Why the BAT cannot describe the whole disk, when it cannot (then never written).
+        self.short_table: str | None = None
 
     # -- opening -------------------------------------------------------------------------
 
@@ -123,7 +126,7 @@ class VhdImage:
         Args:
             path: The image file.
             writable: Open the host file for writing (the caller decides whether the image's
-                state allows writes; see ``writable_problem``).
+                state allows writes; see ``write_problem``).
 
         Raises:
             ImageError: Any problem that makes the image unusable, as a one-line message.
@@ -170,14 +173,12 @@ class VhdImage:
         table_len = table_bytes(header.max_table_entries)
         needed = -(-self.virtual_size // self.block_size)
         if header.max_table_entries < needed:
-            message = (
+            self.short_table = (
                 f"dynamic header max table entries {header.max_table_entries} cover "
                 f"{header.max_table_entries * self.block_size} bytes, less than the disk's "
-                f"{self.virtual_size}"
+                f"{self.virtual_size}; the rest reads as zeros"
             )
-            if self.file.writable:
-                raise CorruptMetadataError(self.path, message)
-            self._warn(message + "; the rest reads as zeros")
+            self._warn(self.short_table)
         header_end = self.footer.data_offset + HEADER_SIZE
         if (table < header_end and table + table_len > self.footer.data_offset) or table < SECTOR:
             raise CorruptMetadataError(
@@ -213,8 +214,8 @@ class VhdImage:
         self.meta_end = meta_end
 
     def _check_batmap(self, header: DynamicHeader, offset: int, limit: int) -> int:
-        """Recognise blktap's batmap (§10); return the end of its area (or 0)."""
-        if self.footer.creator_app != b"tap\0" or self.footer.creator_version < 0x00010001:
+        """Recognise blktap's batmap; return the end of its area (or 0)."""
+        if self.footer.creator_app != b"tap\0" or self.footer.creator_version < _TAP_BATMAP_FROM:
             return 0
         if offset + SECTOR > limit:
             return 0
@@ -291,11 +292,6 @@ class VhdImage:
     # -- metadata access (used through the block cache) ------------------------------------
 
     @property
-    def is_fixed(self) -> bool:
-        """True for fixed disks (no BAT, no bitmaps)."""
-        return self.kind == DiskType.FIXED
-
-    @property
     def bat_pages(self) -> int:
         """Number of BAT cache pages."""
         return -(-self.bat_entries // BAT_PAGE_ENTRIES)
@@ -336,13 +332,10 @@ class VhdImage:
             return "the trailing footer is missing or damaged; only the copy at offset 0 is valid"
         if not self.footer_copy_matches:
             return "the footer copy at offset 0 differs from the trailing footer"
-        assert self.header is not None
-        if self.header.max_table_entries * self.block_size < self.virtual_size:
-            return "the BAT has fewer entries than the disk has blocks"
-        return None
+        return self.short_table
 
     def reserve_block(self, block: int) -> Allocation:
-        """Reserve room for block ``block`` at the end of the file (format reference §11.2).
+        """Reserve room for block ``block`` at the end of the file.
 
         The block's data starts on a 4 KiB boundary past everything the file holds, so it never
         reuses space that might hold stale bytes. The room stays reserved even if writing the
@@ -399,7 +392,7 @@ class Allocation:
 
 
 def _locate_footer(file: HostFile) -> FooterLocation:
-    """Find the footer to trust: trailing first, then the copy at offset 0 (§1.1, §14.1-2)."""
+    """Find the footer to trust: trailing first (512 or 511 bytes), then the copy at 0."""
     size = file.size
     if size < FOOTER_SIZE - 1:
         raise NotAVhdError(file.path, f"not a VHD image: the file is only {size} bytes")
