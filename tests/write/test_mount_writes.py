@@ -304,3 +304,23 @@ def test_failed_overlay_mount_removes_the_new_overlay(tmp_path: Path) -> None:
     result = _vhdfs("-o", f"overlay={overlay}", image, tmp_path / "no-such-dir")
     assert result.returncode == 5
     assert not overlay.exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_writes_out_dirty_data_before_exit(
+    sig: signal.Signals, tmp_path: Path, mount: Callable[..., Mount]
+) -> None:
+    image, model = _image(tmp_path, "dynamic")
+    m = mount([image], options=["writeback=3600"])
+    fd = os.open(m.raw(image.stem + ".raw"), os.O_WRONLY)
+    data = pattern(11, 3 * MiB)
+    os.pwrite(fd, data, 2 * MiB + 512)  # held in memory: no fsync, no close
+    model[2 * MiB + 512 : 5 * MiB + 512] = data
+    assert m.pid is not None
+    os.kill(m.pid, sig)
+    assert m.wait_exited() == 0
+    with pytest.raises(OSError, match=r"Transport endpoint is not connected|No such device"):
+        os.close(fd)
+    again = mount([image], options=["ro"])
+    assert Path(again.raw(image.stem + ".raw")).read_bytes() == bytes(model)
+    assert again.stop() == 0
