@@ -25,9 +25,19 @@ When data reaches the image
 Write order of one flush (dynamic and differencing images)
 ==========================================================
 
-The footer copy at offset 0 and the dynamic header never change. For each dirty block:
+The footer copy at offset 0 and the dynamic header never change. Readers may rely on every
+sector whose bit is clear holding zeros on disk (QEMU ignores bitmaps and reads them), so that
+stays true at every instant. For each dirty block:
 
-A. Block already allocated: write the data sectors into it.
+A. Block already allocated, sectors already present: write the data sectors into it.
+A'. Block already allocated, sectors gaining their bit:
+
+   * dynamic image: write the bitmap with the new bits now and the data after step 3. A
+     clear bit meant zeros, and the sectors hold zeros until their data lands, so the disk
+     reads the old contents or the new, never anything else, in every reader;
+   * differencing image: write the data now and the bitmap in step 4. A clear bit means "the
+     parent's sector": a bit set over unwritten data would hide it.
+
 B. Block not allocated (for a dynamic image, only if the data is not all zeros; all-zero writes
    to an unallocated block allocate nothing):
    1. write the footer, unchanged, at the new end of file E (the old trailing footer is still
@@ -40,9 +50,9 @@ B. Block not allocated (for a dynamic image, only if the data is not all zeros; 
 
 Then, once for the whole flush:
 
-3. ``fdatasync`` the image, if any bitmap or BAT update follows (or the flush must be durable).
-4. Write the bitmap sectors of allocated blocks that gained bits (data before its bit: a bit
-   set over unwritten data would show stale bytes instead of the parent's sectors).
+3. ``fdatasync`` the image, if any bitmap or BAT update follows or was made in A' (or the
+   flush must be durable); then write the data of A' (dynamic).
+4. Write the bitmap sectors of differencing blocks that gained bits (their data is durable).
 5. Write each BAT sector that gains entries, read from the file and patched, as a whole 512-byte
    sector (never a 4-byte write that a torn write could spread to neighbours).
 6. ``fdatasync`` again if the flush must be durable.
@@ -58,7 +68,8 @@ B1 ``alloc-footer-written``      valid: a trailing footer at the end; the space 
                                  leaked (within the same mount a retry of the block reuses it)
 B2 ``alloc-block-written``       valid: the BAT does not reference the block yet; space leaked
 3 ``flush-data-synced``          valid; the data is durable but not yet referenced (leaked, or
-                                 bits clear: those sectors still read as before)
+                                 bits clear: those sectors still read as before); for A' the
+                                 bits are durable over zeros, which still read as before
 4 ``flush-bitmaps-written``      valid; the new bits point at synced data
 5 ``flush-bat-written``          valid; each BAT entry points at a fully written, synced block
 6 (synced)                       valid and durable: everything acknowledged by fsync is there
@@ -459,7 +470,9 @@ class WriteBack:
 
     async def _write_sparse(self, pages: DirtyPages, durable: bool) -> None:
         image = self.image
+        bits_first = image.kind == DiskType.DYNAMIC
         gained_bits: list[tuple[int, int, list[tuple[int, int]]]] = []
+        after_sync: list[tuple[int, list[BlockRun]]] = []
         allocated: list[tuple[Allocation, SectorBitmap]] = []
         for block, runs in _split_by_block(pages.runs(), image.block_size):
             entry = self.cache.bat_entry(0, block)
@@ -470,29 +483,30 @@ class WriteBack:
                 continue
             bitmap = self.cache.bitmap(0, block, entry)
             base = image.data_offset(entry)
-            missing = []
-            for within, length, chunks in runs:
+            missing = [
+                (within // SECTOR, length // SECTOR)
+                for within, length, _ in runs
+                if bitmap.bits.find("0", within // SECTOR, (within + length) // SECTOR) >= 0
+            ]
+            if missing and bits_first:  # step A': bits now, data after the sync
+                self._set_bits(block, entry, missing)
+                after_sync.append((base, runs))
+                continue
+            for within, _, chunks in runs:
                 await self._write_data(base + within, chunks)
-                first, count = within // SECTOR, length // SECTOR
-                if bitmap.bits.find("0", first, first + count) >= 0:
-                    missing.append((first, count))
             if missing:
                 gained_bits.append((block, entry, missing))
         self._unsynced = True
         faults.crash_point("flush-data-written")
-        metadata = bool(gained_bits or allocated)
+        metadata = bool(gained_bits or allocated or after_sync)
         if metadata or durable:
-            await self._sync()  # step 3: data durable before anything points at it
+            await self._sync()  # step 3: nothing points at data that is not durable
         faults.crash_point("flush-data-synced")
+        for base, runs in after_sync:
+            for within, _, chunks in runs:
+                await self._write_data(base + within, chunks)
         for block, entry, missing in gained_bits:  # step 4
-            # Fetched again: during the sync the cache may have dropped and reloaded it, and
-            # only the file (written by flushes alone, under the flush lock) is current.
-            current = self.cache.bitmap(0, block, entry)
-            updated = SectorBitmap(current.raw, image.sectors_per_block)
-            for first, count in missing:
-                updated.set_range(first, count)
-            self._pwrite(entry * SECTOR, updated.raw)
-            self.cache.put_bitmap(0, block, updated)
+            self._set_bits(block, entry, missing)
         faults.crash_point("flush-bitmaps-written")
         self._write_bat_entries([(a.block, a.entry) for a, _ in allocated])  # step 5
         for allocation, bitmap in allocated:
@@ -505,6 +519,17 @@ class WriteBack:
             self._unsynced = True
         if durable and metadata:
             await self._sync()  # step 6
+
+    def _set_bits(self, block: int, entry: int, missing: list[tuple[int, int]]) -> None:
+        """Write the bitmap of an allocated block with bits added for ``missing`` sectors."""
+        # Fetched now, never kept across an await: while a flush waits, the cache may drop
+        # and reload a bitmap, and only the file (written by flushes alone) is current.
+        current = self.cache.bitmap(0, block, entry)
+        updated = SectorBitmap(current.raw, self.image.sectors_per_block)
+        for first, count in missing:
+            updated.set_range(first, count)
+        self._pwrite(entry * SECTOR, updated.raw)
+        self.cache.put_bitmap(0, block, updated)
 
     async def _allocate(self, block: int, runs: list[BlockRun]) -> tuple[Allocation, SectorBitmap]:
         """Steps B1 and B2 for one new block: footer at the new end, then the block.
