@@ -265,10 +265,11 @@ def _prepare_overlay(images: list[str], options: MountOptions) -> tuple[str, boo
 
 
 def _check_overlay_parent(disk: VirtualDisk, image: str) -> None:
+    """Refuse an overlay whose parent is not ``image`` (closing it first)."""
     layers = disk.chain.layers
-    base = os.stat(image)
-    if len(layers) < 2 or not os.path.samestat(os.fstat(layers[1].file.fd), base):
+    if len(layers) < 2 or not os.path.samestat(os.fstat(layers[1].file.fd), os.stat(image)):
         parent = layers[1].path if len(layers) > 1 else "nothing"
+        disk.chain.close()
         raise ParentIdMismatchError(
             layers[0].path, f"overlay is a child of {parent}, not of {image}"
         )
@@ -298,7 +299,7 @@ def _mount(
             created = overlay if was_created else None
             options.explicit_rw = True
             disks = _open_disks([overlay], options)
-            _check_overlay_parent_or_close(disks, os.path.abspath(images[0]))
+            _check_overlay_parent(disks[0], os.path.abspath(images[0]))
         else:
             disks = _open_disks(images, options)
         _start(images, disks, mountpoint, options, single_file, debug)
@@ -308,14 +309,6 @@ def _mount(
         raise
     pipe = None if foreground else detach(os.path.abspath(mountpoint))
     return _run(disks, pipe, options.pidfile)
-
-
-def _check_overlay_parent_or_close(disks: list[VirtualDisk], image: str) -> None:
-    try:
-        _check_overlay_parent(disks[0], image)
-    except BaseException:
-        disks[0].chain.close()
-        raise
 
 
 def _start(
