@@ -1,6 +1,7 @@
 """The one exception hierarchy for problems with images, chains, mounts and options.
 
-Every error renders as a single line that names the file and, where there is one, the field:
+Every error renders as a single line that names the file and, where there is one, the field
+(non-printable characters escaped, see ``vhdfs.text``):
 ``disk.vhd: footer checksum 0x00001234 does not match computed 0x0000abcd``. Each class carries
 the errno the FUSE layer answers with and the exit status the command-line tools return, so the
 mapping lives in one place (see ``ExitCode``).
@@ -11,6 +12,8 @@ from __future__ import annotations
 import errno as _errno
 import os
 from enum import IntEnum
+
+from vhdfs.text import printable
 
 
 class ExitCode(IntEnum):
@@ -44,7 +47,8 @@ class VhdfsError(Exception):
 
     def __str__(self) -> str:
         text = self.message if self.path is None else f"{self.path}: {self.message}"
-        return " ".join(text.split())
+        # Paths and locator text come from outside: one line, nothing a terminal obeys.
+        return printable(text)
 
 
 class UsageError(VhdfsError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import struct
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 
 from tests.support.images import Layer, build_chain
 from tests.support.vhdwrite import corrupt_footer_checksum, rewrite_footers, rewrite_header
+from vhdfs.errors import CorruptMetadataError
 from vhdfs.image.check import check_chain
 from vhdfs.image.create import create_differencing, create_dynamic
 from vhdfs.image.hostfile import HostFile
@@ -125,17 +127,14 @@ def test_two_entries_for_one_block(tmp_path: Path) -> None:
     ]
 
 
-def test_short_bat_is_served_read_only_and_reported_once(tmp_path: Path) -> None:
+def test_short_bat_is_refused_and_reported_once(tmp_path: Path) -> None:
     image = tmp_path / "d.vhd"
     create_dynamic(str(image), 4 * MiB)
     rewrite_header(image, {28: struct.pack(">I", 1)})  # one entry for a disk of two blocks
-    opened = VhdImage.open(str(image), writable=True)
-    try:
-        expected = (
-            f"dynamic header max table entries 1 cover {2 * MiB} bytes, less than the disk's "
-            f"{4 * MiB}; the rest reads as zeros"
-        )
-        assert opened.write_problem() == expected
-    finally:
-        opened.close()
+    expected = (
+        f"dynamic header max table entries 1 cover {2 * MiB} bytes, less than the footer "
+        f"current size {4 * MiB}"
+    )
+    with pytest.raises(CorruptMetadataError, match=re.escape(expected)):
+        VhdImage.open(str(image))
     assert _findings(image) == [f"error: {image}: {expected}"]

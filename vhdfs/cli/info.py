@@ -15,6 +15,7 @@ from vhdfs.errors import ChainError
 from vhdfs.format.layout import VHD_EPOCH, DiskType
 from vhdfs.image.chain import ParentLink
 from vhdfs.image.vhd import VhdImage
+from vhdfs.text import printable
 from vhdfs.units import format_size
 
 _TYPE_NAMES = {
@@ -105,7 +106,7 @@ def render_text(report: dict[str, Any]) -> str:
         lines.extend(f"  {key:<{width}}  {value}" for key, value in rows)
     if report["error"]:
         lines.append(f"chain incomplete: {report['error']}")
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)
 
 
 def _layer_rows(layer: dict[str, Any]) -> list[tuple[str, str]]:

@@ -201,22 +201,24 @@ def _open_chain(path: str, writable: bool) -> Chain:
         raise ImageBusyError(exc.path, f"in use by the vhdfs mount at {holder}") from None
 
 
-def _open_disk(path: str, options: MountOptions) -> VirtualDisk:
+def _open_disk(path: str, options: MountOptions, warnings: list[str]) -> VirtualDisk:
     """Open one image for a mount, read-write unless asked or forced otherwise.
 
     A default (implicit ``rw``) mount falls back to read-only, with a warning, for an image the
     user cannot write or one that is unsafe to write; an explicit ``-o rw`` refuses instead.
+    Warnings are added to ``warnings``, to be logged once the mount stands.
     """
     writable = not options.read_only
     if writable and not os.access(path, os.W_OK):
-        _cannot_write(path, options, "you cannot write to it")
+        _cannot_write(path, options, "you cannot write to it", warnings)
         writable = False
     chain = _open_chain(path, writable)
     if writable and (problem := chain.leaf.write_problem()) is not None:
         chain.close()
-        _cannot_write(path, options, problem)
+        _cannot_write(path, options, problem, warnings)
         writable = False
         chain = _open_chain(path, writable)
+    warnings += [f"{layer.path}: {text}" for layer in chain.layers for text in layer.warnings]
     cache = BlockCache(chain, options.cache_size)
     hostio = HostIO(options.io_mode)
     writeback = None
@@ -227,17 +229,17 @@ def _open_disk(path: str, options: MountOptions) -> VirtualDisk:
     return VirtualDisk(chain, cache, hostio, writeback)
 
 
-def _cannot_write(path: str, options: MountOptions, reason: str) -> None:
+def _cannot_write(path: str, options: MountOptions, reason: str, warnings: list[str]) -> None:
     if options.explicit_rw:
         raise ImageError(path, f"cannot mount read-write: {reason} (mount it with -o ro)")
-    log.warning("%s: %s; mounting it read-only", path, reason)
+    warnings.append(f"{path}: {reason}; mounting it read-only")
 
 
-def _open_disks(images: list[str], options: MountOptions) -> list[VirtualDisk]:
+def _open_disks(images: list[str], options: MountOptions, warnings: list[str]) -> list[VirtualDisk]:
     disks: list[VirtualDisk] = []
     try:
         for image in images:
-            disks.append(_open_disk(os.path.abspath(image), options))
+            disks.append(_open_disk(os.path.abspath(image), options, warnings))
     except BaseException:
         for disk in disks:
             disk.chain.close()
@@ -293,20 +295,24 @@ def _mount(
     if options.pidfile is not None:
         options.pidfile = check_pidfile(options.pidfile)
     created: str | None = None
+    warnings: list[str] = []
     try:
         if options.overlay is not None:
             overlay, was_created = _prepare_overlay(images, options)
             created = overlay if was_created else None
             options.explicit_rw = True
-            disks = _open_disks([overlay], options)
+            disks = _open_disks([overlay], options, warnings)
             _check_overlay_parent(disks[0], os.path.abspath(images[0]))
         else:
-            disks = _open_disks(images, options)
+            disks = _open_disks(images, options, warnings)
         _start(images, disks, mountpoint, options, single_file, debug)
     except BaseException:
         if created is not None:
             os.unlink(created)
         raise
+    # Only now: a command that fails prints its one error line and nothing else.
+    for warning in dict.fromkeys(warnings):
+        log.warning("%s", warning)
     pipe = None if foreground else detach(os.path.abspath(mountpoint))
     return _run(disks, pipe, options.pidfile)
 

@@ -21,6 +21,7 @@ from vhdfs.image.create import (
     create_dynamic,
     create_fixed,
 )
+from vhdfs.text import printable
 from vhdfs.units import format_size, parse_size
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ def _check(path: str, *, as_json: bool) -> int:
         print(finding)
     if report.exit_code == 0:
         print(
-            f"{path}: no errors in {len(report.layers)} image(s)"
+            printable(f"{path}: no errors in {len(report.layers)} image(s)")
             + (f", {report.leaked_bytes} bytes leaked" if report.leaked_bytes else "")
         )
     return report.exit_code

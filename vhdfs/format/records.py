@@ -20,6 +20,8 @@ from vhdfs.errors import ChecksumError, FormatError, NotAVhdError, UnsupportedIm
 from vhdfs.format.checksum import vhd_checksum, with_checksum
 from vhdfs.format.geometry import Geometry
 from vhdfs.format.layout import (
+    BATMAP_COOKIE,
+    BATMAP_HEADER,
     DYNAMIC_HEADER,
     FOOTER,
     FOOTER_CHECKSUM_OFFSET,
@@ -342,3 +344,27 @@ def encode_parent_name(name: str) -> bytes:
     if len(raw) > 512:
         raise ValueError(f"parent name {name!r} is longer than 256 UTF-16 code units")
     return raw.ljust(512, b"\0")
+
+
+@dataclass(frozen=True, slots=True)
+class BatmapHeader:
+    """blktap's batmap header: where its one-bit-per-block map lies, and the encryption flag."""
+
+    batmap_offset: int
+    #: Size of the map in sectors.
+    batmap_size: int
+    batmap_version: int
+    keyhash_set: bool
+
+
+def parse_batmap_header(raw: bytes, source: str) -> BatmapHeader | None:
+    """Parse the 512 bytes after a blktap BAT; ``None`` when they hold no batmap header."""
+    if len(raw) != SECTOR or raw[:8] != BATMAP_COOKIE:
+        return None
+    parsed = _parse(BATMAP_HEADER, raw, source, "batmap header")
+    return BatmapHeader(
+        batmap_offset=parsed.batmap_offset,
+        batmap_size=parsed.batmap_size,
+        batmap_version=parsed.batmap_version,
+        keyhash_set=bool(parsed.keyhash_set),
+    )

@@ -1,8 +1,10 @@
 """Chain: a VHD and its ancestors, and the pure mapping of disk ranges onto them.
 
 ``Chain.open`` opens the leaf (read-write if asked) and walks up through the parents, which are
-always opened read-only. Each parent must carry the unique id its child records; a path or a
-unique id seen twice is a loop. ``plan_read`` maps a byte range of the virtual disk to extents:
+always opened read-only. Each parent must carry the unique id its child records. A loop is a
+file met twice, by its (device, inode) on the opened descriptor, never a unique id met twice:
+MiniVHD seeds ids with the clock, so a child made in the same second as its parent carries
+the parent's own id. ``plan_read`` maps a byte range of the virtual disk to extents:
 runs of host bytes in one layer, or zeros. It takes each sector from the nearest layer whose
 bitmap has it and needs nothing but the metadata it asks ``meta`` for, so it is
 tested without FUSE or trio.
@@ -19,6 +21,7 @@ from typing import Protocol, Self
 from vhdfs.errors import (
     ChainError,
     ChainLoopError,
+    ImageAccessError,
     ImageError,
     ParentIdMismatchError,
     ParentNotFoundError,
@@ -113,18 +116,16 @@ class Chain:
             if lock:
                 leaf.file.lock(exclusive=writable)
             seen = {_identity(leaf.file.fd)}
-            ids = {leaf.footer.unique_id: leaf.path}
             current = leaf
             while current.kind == DiskType.DIFFERENCING:
                 if len(layers) >= MAX_CHAIN_DEPTH:
                     raise ChainLoopError(path, f"chain is deeper than {MAX_CHAIN_DEPTH} images")
-                parent, link = _open_parent(current, seen, ids)
+                parent, link = _open_parent(current, seen)
                 layers.append(parent)
                 links.append(link)
                 if lock:
                     parent.file.lock(exclusive=False)
                 seen.add(_identity(parent.file.fd))
-                ids[parent.footer.unique_id] = parent.path
                 current = parent
         except ChainError as exc:
             error = exc
@@ -199,44 +200,47 @@ def _identity(fd: int) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _open_parent(
-    child: VhdImage, seen: set[tuple[int, int]], ids: dict[bytes, str]
-) -> tuple[VhdImage, ParentLink]:
+def _exists(path: str) -> bool:
+    """Whether a candidate names anything at all (a locator may hold a NUL byte)."""
+    try:
+        os.stat(path)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _open_parent(child: VhdImage, seen: set[tuple[int, int]]) -> tuple[VhdImage, ParentLink]:
     header = child.header
     assert header is not None
     expected = header.parent_unique_id
-    if expected in ids:
-        raise ChainLoopError(
-            child.path,
-            f"parent unique id {expected.hex()} is the id of {ids[expected]}, already in "
-            "the chain: the chain loops",
-        )
-    candidates = parent_candidates(child)
     tried: list[str] = []
     mismatched: list[str] = []
     broken: list[ImageError] = []
-    for candidate in candidates:
-        tried.append(candidate.path)
-        try:
-            st = os.stat(candidate.path)
-        except OSError:
+    for candidate in parent_candidates(child):
+        if not _exists(candidate.path):
+            tried.append(candidate.path)
             continue
-        if (st.st_dev, st.st_ino) in seen:
+        try:
+            parent = VhdImage.open(candidate.path, writable=False)
+        except ImageAccessError as exc:
+            # Not a file that could be a parent (a FIFO, a directory...): keep looking.
+            tried.append(f"{candidate.path} ({exc.message})")
+            continue
+        except ImageError as exc:
+            tried.append(candidate.path)
+            broken.append(exc)
+            continue
+        if _identity(parent.file.fd) in seen:
+            parent.close()
             raise ChainLoopError(
                 child.path,
                 f"{candidate.source} points at {candidate.path}, which is already in the chain",
             )
-        try:
-            parent = VhdImage.open(candidate.path, writable=False)
-        except ImageError as exc:
-            broken.append(exc)
-            continue
         if parent.footer.unique_id != expected:
             mismatched.append(f"{candidate.path} has id {parent.footer.unique_id.hex()}")
             parent.close()
             continue
-        link = ParentLink(candidate.path, candidate.source)
-        return parent, link
+        return parent, ParentLink(candidate.path, candidate.source)
     if mismatched:
         raise ParentIdMismatchError(
             child.path,

@@ -17,10 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vhdfs.errors import HostIOError, ImageAccessError, ImageBusyError, VhdfsError
-from vhdfs.format.bat import BAT_PAGE_ENTRIES
 from vhdfs.format.layout import FOOTER_SIZE, SECTOR, UNALLOCATED, DiskType
 from vhdfs.image.chain import Chain
 from vhdfs.image.vhd import VhdImage
+from vhdfs.text import printable
 
 #: Block data is aligned to this; shorter gaps before aligned data are padding, not leaks.
 PADDING = 4096
@@ -35,7 +35,8 @@ class Finding:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.severity}: {self.path}: {self.message}"
+        # One finding, one line: a path from a locator must not forge another.
+        return printable(f"{self.severity}: {self.path}: {self.message}")
 
 
 @dataclass
@@ -110,19 +111,13 @@ def _leaks(image: VhdImage) -> list[tuple[int, int]]:
     position aligned the same way, as Windows and vhdfs place them. Anything else that is
     unreferenced is a leak, however small.
     """
-    header = image.header
-    assert header is not None
-    used: list[tuple[int, int, bool]] = [(0, image.meta_end, False)]
+    used: list[tuple[int, int, bool]] = [(r.start, r.end, False) for r in image.reserved]
     for page_no in range(image.bat_pages):
-        for index, entry in enumerate(image.read_bat_page(page_no), page_no * BAT_PAGE_ENTRIES):
-            if entry != UNALLOCATED and index < image.bat_entries:
+        for entry in image.read_bat_page(page_no):
+            if entry != UNALLOCATED:
                 start = entry * SECTOR
                 aligned = (start + image.bitmap_size) % PADDING == 0
                 used.append((start, start + image.block_span, aligned))
-    for locator in header.locators:
-        if not locator.is_empty:
-            length = max(locator.data_length, locator.space_bytes)
-            used.append((locator.data_offset, locator.data_offset + length, False))
     footer_at = image.file.size - (image.trailing_footer_length or FOOTER_SIZE)
     used.append((footer_at, image.file.size, (footer_at + image.bitmap_size) % PADDING == 0))
     used.sort()

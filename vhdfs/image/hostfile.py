@@ -22,6 +22,25 @@ from vhdfs.errors import HostIOError, ImageAccessError, ImageBusyError, Truncate
 
 _IOV_MAX = os.sysconf("SC_IOV_MAX")
 
+_FILE_TYPES = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def _check_type(path: str, st: os.stat_result) -> None:
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        kind = _FILE_TYPES.get(stat.S_IFMT(st.st_mode), "a file of unknown type")
+        raise ImageAccessError(path, f"{kind}, not a regular file or block device; not opened")
+
+
+def _reason(exc: OSError | ValueError) -> str:
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return "the path contains a NUL byte"
+
 
 class HostFile:
     """An image file opened for positional I/O.
@@ -41,24 +60,32 @@ class HostFile:
     def open(cls, path: str, *, writable: bool) -> Self:
         """Open ``path`` read-only or read-write.
 
+        Only regular files and block devices (XenServer keeps VHDs on LVM volumes) are
+        opened. The type is checked before opening, because merely opening a FIFO blocks until
+        a writer comes and opening a device can have effects; the open itself does not block,
+        and the descriptor is checked again, so a file swapped in between is refused too.
+
         Raises:
-            ImageAccessError: The file does not exist, is not a regular file or cannot be
-                opened.
+            ImageAccessError: The file does not exist, is not a regular file or block device,
+                or cannot be opened.
         """
+        try:
+            before = os.stat(path)
+        except (OSError, ValueError) as exc:  # ValueError: an embedded NUL
+            raise ImageAccessError(path, f"cannot open: {_reason(exc)}") from None
+        _check_type(path, before)
         flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
         try:
-            fd = os.open(path, flags)
+            fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY)
         except OSError as exc:
             raise ImageAccessError(path, f"cannot open: {exc.strerror}") from exc
         try:
             st = os.fstat(fd)
-            if stat.S_ISBLK(st.st_mode):
-                # VHDs on block devices (XenServer keeps them on LVM volumes).
-                size = os.lseek(fd, 0, os.SEEK_END)
-            elif stat.S_ISREG(st.st_mode):
-                size = st.st_size
-            else:
-                raise ImageAccessError(path, "not a regular file or block device")
+            _check_type(path, st)
+            if (st.st_dev, st.st_ino) != (before.st_dev, before.st_ino):
+                raise ImageAccessError(path, "the file was replaced while being opened")
+            os.set_blocking(fd, True)
+            size = os.lseek(fd, 0, os.SEEK_END) if stat.S_ISBLK(st.st_mode) else st.st_size
         except BaseException:
             os.close(fd)
             raise

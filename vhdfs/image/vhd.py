@@ -1,11 +1,17 @@
 """VhdImage: one VHD file (fixed, dynamic or differencing), opened and validated.
 
 Opening checks everything before anything is served: find a valid footer (the trailing
-one, a 511-byte one, or the copy at offset 0), read and check the dynamic header, check that the
-BAT fits in the file, then stream through the BAT once to check every allocated entry (inside
-the file, clear of metadata, not overlapping another block) and to learn where data ends.
-After ``open`` the image is trusted: requests are served from plain integers and arrays, and
-construct is never used again for this file.
+one, a 511-byte one, or the copy at offset 0), read and check the dynamic header, check that
+the BAT covers the whole disk, that every structure (footer copy, header, BAT, blktap's batmap,
+each parent locator's data) lies inside the file and overlaps no other, then stream through
+the BAT once to check every allocated block the same way (see ``regions``) and to learn where
+data ends. No order of structures is assumed: the spec fixes none. After ``open`` the image is
+trusted: requests are served from plain integers and arrays, and construct is never used again
+for this file.
+
+Problems that do not stop an image from opening (a footer copy that differs, a locator
+pointing past the end of the file) are collected in ``warnings``, never logged here: the
+command that opened the image reports each once, and not at all when the command fails.
 
 The BAT itself is not kept: pages of it are read on demand (``read_bat_page``) and cached by
 the layers above, so a 2 TiB image costs a few kilobytes until it is used.
@@ -13,8 +19,6 @@ the layers above, so a 2 TiB image costs a few kilobytes until it is used.
 
 from __future__ import annotations
 
-import itertools
-import logging
 from array import array
 from dataclasses import dataclass
 from typing import Self
@@ -22,57 +26,37 @@ from typing import Self
 from vhdfs.errors import (
     CorruptMetadataError,
     FormatError,
-    ImageError,
     NoSpaceError,
-    NotAVhdError,
     TruncatedImageError,
     UnsupportedImageError,
 )
 from vhdfs.format.bat import BAT_PAGE_BYTES, BAT_PAGE_ENTRIES, decode_entries, table_bytes
 from vhdfs.format.bitmap import SectorBitmap, bitmap_bytes
-from vhdfs.format.layout import (
-    BATMAP_COOKIE,
-    BATMAP_HEADER,
-    FOOTER_SIZE,
-    HEADER_SIZE,
-    OLD_FOOTER_SIZE,
-    SECTOR,
-    UNALLOCATED,
-    VHDX_SIGNATURE,
-    DiskType,
-)
-from vhdfs.format.records import DynamicHeader, Footer, parse_dynamic_header, parse_footer
+from vhdfs.format.layout import FOOTER_SIZE, HEADER_SIZE, SECTOR, UNALLOCATED, DiskType
+from vhdfs.format.records import DynamicHeader, parse_batmap_header, parse_dynamic_header
+from vhdfs.image.footer import FooterLocation, locate_footer
 from vhdfs.image.hostfile import HostFile
-
-log = logging.getLogger(__name__)
+from vhdfs.image.regions import (
+    Region,
+    block_over,
+    check_disjoint,
+    first_block_overlap,
+    sorted_starts,
+)
 
 #: blktap writes a batmap after the BAT from creator version 1.2; version 1.1 images may have
 #: one too, so from 1.1 on the cookie decides.
 _TAP_BATMAP_FROM = 0x00010001
 
-
-@dataclass(frozen=True, slots=True)
-class FooterLocation:
-    """Where the footer that was used came from, and the state of the other copy."""
-
-    footer: Footer
-    #: Length of the trailing footer (512, or 511 for pre-2004 Virtual PC); 0 when missing.
-    trailing_length: int
-    #: Offset of the trailing footer (file size - its length); the end of usable data.
-    trailing_offset: int
-    #: True when the copy at offset 0 exists and equals the footer used.
-    copy_matches: bool
-    #: The footer exactly as stored (512 bytes), rewritten verbatim when it moves.
-    raw: bytes = b""
-    #: A problem worth a warning once the image has opened (a footer copy was used...).
-    note: str | None = None
+#: Sizes are served as ``off_t``: a disk must be smaller than 2^63 bytes.
+MAX_VIRTUAL_SIZE = (1 << 63) - 1
 
 
 class VhdImage:
     """One VHD file, validated, with the geometry of its blocks precomputed.
 
     Use :meth:`open`. Attributes are read-only after opening except for the allocation state
-    (``data_end``, ``allocated_blocks``), which the write path maintains.
+    (``data_end``, ``allocated_blocks``, ``next_free``), which the write path maintains.
     """
 
     def __init__(
@@ -106,16 +90,17 @@ class VhdImage:
             self.bitmap_size = bitmap_bytes(self.sectors_per_block)
             #: Bytes a block occupies in the file: bitmap then data.
             self.block_span = self.bitmap_size + self.block_size
-            needed = -(-self.virtual_size // self.block_size)
             #: BAT entries that describe the disk (blktap tables hold more, for growth).
-            self.bat_entries = min(header.max_table_entries, needed)
-        self.meta_end = 0
+            self.bat_entries = -(-self.virtual_size // self.block_size)
+        #: Every structure but the blocks, sorted by offset (see ``regions``).
+        self.metadata: list[Region] = []
+        #: The same with each locator's reserved space counted in full (its data may grow
+        #: into it): nothing new is placed there, and it is not leaked space.
+        self.reserved: list[Region] = []
         self.data_end = 0
         self.allocated_blocks = 0
         #: Where the next block may start: past metadata, data and the footer.
         self.next_free = 0
-        #: Why the BAT cannot describe the whole disk, when it cannot (then never written).
-        self.short_table: str | None = None
 
     # -- opening -------------------------------------------------------------------------
 
@@ -133,7 +118,7 @@ class VhdImage:
         """
         file = HostFile.open(path, writable=writable)
         try:
-            location = _locate_footer(file)
+            location = locate_footer(file)
             header = None
             if location.footer.disk_type != DiskType.FIXED:
                 header = _read_header(file, location)
@@ -142,11 +127,16 @@ class VhdImage:
         except BaseException:
             file.close()
             raise
-        for warning in image.warnings:
-            log.warning("%s: %s", path, warning)
         return image
 
     def _validate(self) -> None:
+        size = self.footer.current_size
+        if size > MAX_VIRTUAL_SIZE:
+            raise FormatError(
+                self.path,
+                f"footer current size {size} is beyond the largest file size Linux can serve "
+                f"({MAX_VIRTUAL_SIZE} bytes)",
+            )
         if self.kind == DiskType.FIXED:
             data_size = self.trailing_footer_offset
             if self.virtual_size > data_size:
@@ -158,41 +148,46 @@ class VhdImage:
             return
         header = self.header
         assert header is not None
-        self._check_layout(header)
+        self._check_table_covers_disk(header)
+        self._check_metadata(header)
         self._scan_bat()
 
-    def _data_limit(self) -> int:
-        """End of the area blocks may occupy: the trailing footer, or EOF when it is missing."""
-        if self.trailing_footer_length:
-            return self.trailing_footer_offset
-        return self.file.size
+    def _check_table_covers_disk(self, header: DynamicHeader) -> None:
+        """Refuse a BAT with fewer entries than the disk has blocks.
 
-    def _check_layout(self, header: DynamicHeader) -> None:
-        limit = self._data_limit()
-        table = header.table_offset
-        table_len = table_bytes(header.max_table_entries)
-        needed = -(-self.virtual_size // self.block_size)
-        if header.max_table_entries < needed:
-            self.short_table = (
-                f"dynamic header max table entries {header.max_table_entries} cover "
-                f"{header.max_table_entries * self.block_size} bytes, less than the disk's "
-                f"{self.virtual_size}; the rest reads as zeros"
-            )
-            self._warn(self.short_table)
-        header_end = self.footer.data_offset + HEADER_SIZE
-        if (table < header_end and table + table_len > self.footer.data_offset) or table < SECTOR:
+        QEMU refuses it too ("Page table too small"): serving the rest as zeros would hide
+        whatever the file holds there.
+        """
+        if header.max_table_entries < self.bat_entries:
             raise CorruptMetadataError(
                 self.path,
-                f"dynamic header table offset {table} overlaps the footer copy or the header",
+                f"dynamic header max table entries {header.max_table_entries} cover "
+                f"{header.max_table_entries * self.block_size} bytes, less than the footer "
+                f"current size {self.virtual_size}",
             )
-        if table + header.max_table_entries * 4 > limit:
+
+    def _check_metadata(self, header: DynamicHeader) -> None:
+        """Place every structure but the blocks; each inside the data area, none overlapping."""
+        limit = self.trailing_footer_offset
+        table = header.table_offset
+        table_end = table + header.max_table_entries * 4
+        if table_end > limit:
             raise TruncatedImageError(
                 self.path,
                 f"BAT of {header.max_table_entries} entries at offset {table} needs "
                 f"{header.max_table_entries * 4} bytes but the file's data ends at {limit}",
             )
-        meta_end = max(header_end, table + table_len)
-        meta_end = max(meta_end, self._check_batmap(header, table + table_len, limit))
+        regions = [
+            Region(0, FOOTER_SIZE, "footer copy"),
+            Region(
+                self.footer.data_offset, self.footer.data_offset + HEADER_SIZE, "dynamic header"
+            ),
+            # BAT sectors are written whole (a torn 4-byte write could spread to its
+            # neighbours), so the table owns every file sector it touches.
+            Region(table, -(-table_end // SECTOR) * SECTOR, "BAT"),
+        ]
+        regions += self._batmap_regions(table + table_bytes(header.max_table_entries), limit)
+        reserved: list[Region] = []
         if self.kind == DiskType.DIFFERENCING:
             if header.parent_unique_id == bytes(16):
                 raise UnsupportedImageError(
@@ -201,93 +196,111 @@ class VhdImage:
                     "parent) is not supported",
                 )
             for slot, loc in enumerate(header.locators):
-                if loc.is_empty:
+                if loc.is_empty or not loc.data_length:
                     continue
-                end = loc.data_offset + max(loc.data_length, loc.space_bytes)
-                if loc.data_offset + loc.data_length > self.file.size:
-                    self._warn(
-                        f"parent locator {slot} ({loc.platform_name}) data at offset "
-                        f"{loc.data_offset} runs past the end of file; ignored"
+                name = f"parent locator {slot} ({loc.platform_name}) data"
+                if loc.data_offset + loc.data_length > limit:
+                    self.warnings.append(
+                        f"{name} at offset {loc.data_offset} runs past the end of the file; ignored"
                     )
                     continue
-                meta_end = max(meta_end, end)
-        self.meta_end = meta_end
+                regions.append(Region(loc.data_offset, loc.data_offset + loc.data_length, name))
+                space = max(loc.data_length, loc.space_bytes)
+                reserved.append(Region(loc.data_offset, loc.data_offset + space, name))
+        self.metadata = check_disjoint(self.path, regions)
+        self.reserved = sorted(self.metadata + reserved)
 
-    def _check_batmap(self, header: DynamicHeader, offset: int, limit: int) -> int:
-        """Recognise blktap's batmap; return the end of its area (or 0)."""
+    def _batmap_regions(self, offset: int, limit: int) -> list[Region]:
+        """The batmap header and map of blktap, right after the BAT's padding, when present."""
         if self.footer.creator_app != b"tap\0" or self.footer.creator_version < _TAP_BATMAP_FROM:
-            return 0
+            return []
         if offset + SECTOR > limit:
-            return 0
+            return []
         raw = self.file.pread_exact(offset, SECTOR, "batmap header")
-        if raw[:8] != BATMAP_COOKIE:
-            return 0
-        batmap = BATMAP_HEADER.parse(raw)
+        batmap = parse_batmap_header(raw, self.path)
+        if batmap is None:
+            return []
         if batmap.keyhash_set:
             raise UnsupportedImageError(
                 self.path, "blktap batmap keyhash is set: the image is encrypted by tapdisk"
             )
-        return int(max(offset + SECTOR, batmap.batmap_offset + batmap.batmap_size * SECTOR))
+        start = batmap.batmap_offset
+        end = start + batmap.batmap_size * SECTOR
+        if end > limit:
+            raise CorruptMetadataError(
+                self.path,
+                f"blktap batmap of {batmap.batmap_size} sectors at offset {start} runs past "
+                f"the end of data at {limit}",
+            )
+        return [Region(offset, offset + SECTOR, "batmap header"), Region(start, end, "batmap")]
 
     def _scan_bat(self) -> None:
-        """Check every allocated BAT entry and find where data ends, one page at a time."""
-        limit = self._data_limit()
-        span_sectors = self.block_span // SECTOR
+        """Check every allocated block and find where data ends, one BAT page at a time."""
+        limit = self.trailing_footer_offset
         starts = array("I")
         data_end = 0
-        count = 0
         unallocated_page = b"\xff" * BAT_PAGE_BYTES
-        for page in range(-(-self.bat_entries // BAT_PAGE_ENTRIES)):
+        for page in range(self.bat_pages):
             raw = self._read_bat_bytes(page)
             if raw == unallocated_page[: len(raw)]:
                 continue
-            first = page * BAT_PAGE_ENTRIES
-            for index, entry in enumerate(decode_entries(raw), first):
+            for index, entry in enumerate(decode_entries(raw), page * BAT_PAGE_ENTRIES):
                 if entry == UNALLOCATED:
                     continue
-                start = entry * SECTOR
-                end = start + self.block_span
-                if start < self.meta_end:
-                    raise CorruptMetadataError(
-                        self.path,
-                        f"BAT entry {index} = sector {entry} (offset {start}) lies inside "
-                        f"the image's metadata, which ends at {self.meta_end}",
-                    )
+                end = entry * SECTOR + self.block_span
                 if end > limit:
-                    if self.trailing_footer_length:
-                        raise CorruptMetadataError(
-                            self.path,
-                            f"BAT entry {index} = sector {entry}: block at offset {start} "
-                            f"ends at {end}, beyond the end of data at {limit}",
-                        )
-                    raise TruncatedImageError(
-                        self.path,
-                        f"file is truncated: block {index} at offset {start} ends at {end} "
-                        f"but the file ends at {limit} and its trailing footer is missing",
-                    )
+                    self._block_past_end(index, entry, end, limit)
                 starts.append(entry)
                 data_end = max(data_end, end)
-                count += 1
-        self._check_overlaps(starts, span_sectors)
+        self._check_blocks(sorted_starts(starts))
         self.data_end = data_end
-        self.allocated_blocks = count
-        free = max(self.meta_end, data_end, self.trailing_footer_offset)
+        self.allocated_blocks = len(starts)
+        free = max(self.reserved[-1].end, data_end, self.trailing_footer_offset)
         self.next_free = -(-free // SECTOR) * SECTOR
 
-    def _check_overlaps(self, starts: array[int], span_sectors: int) -> None:
-        pairs = itertools.pairwise(starts)
-        ordered = starts if all(a < b for a, b in pairs) else sorted(starts)
-        for a, b in itertools.pairwise(ordered):
-            if b - a < span_sectors:
+    def _block_past_end(self, index: int, entry: int, end: int, limit: int) -> None:
+        start = entry * SECTOR
+        if self.trailing_footer_length:
+            raise CorruptMetadataError(
+                self.path,
+                f"BAT entry {index} = sector {entry}: block at offset {start} ends at {end}, "
+                f"beyond the end of data at {limit}",
+            )
+        raise TruncatedImageError(
+            self.path,
+            f"file is truncated: block {index} at offset {start} ends at {end} but the file "
+            f"ends at {limit} and its trailing footer is missing",
+        )
+
+    def _check_blocks(self, starts: array[int]) -> None:
+        """No block touches a metadata region, and no two blocks share a sector."""
+        span = self.block_span // SECTOR
+        # Metadata first, for the more telling message; if blocks overlap each other, the
+        # bisection may miss a metadata overlap, but the second check then refuses anyway.
+        for region in self.metadata:
+            entry = block_over(region, starts, self.block_span, SECTOR)
+            if entry is not None:
+                start = entry * SECTOR
                 raise CorruptMetadataError(
                     self.path,
-                    f"BAT entries at sectors {a} and {b} overlap (a block spans "
-                    f"{span_sectors} sectors)",
+                    f"BAT entry {self._index_of(entry)} = sector {entry}: block at "
+                    f"{start}..{start + self.block_span} overlaps the {region.describe()}",
                 )
+        pair = first_block_overlap(starts, span)
+        if pair is not None:
+            raise CorruptMetadataError(
+                self.path,
+                f"BAT entries at sectors {pair[0]} and {pair[1]} overlap (a block spans "
+                f"{span} sectors)",
+            )
 
-    def _warn(self, message: str) -> None:
-        """Record a problem that does not stop the image from opening (logged by ``open``)."""
-        self.warnings.append(message)
+    def _index_of(self, entry: int) -> int:
+        """The first block whose BAT entry is ``entry`` (only for messages: reads the BAT)."""
+        for page in range(self.bat_pages):
+            entries = self.read_bat_page(page)
+            if entry in entries:
+                return page * BAT_PAGE_ENTRIES + entries.index(entry)
+        raise AssertionError(f"BAT entry {entry} vanished")
 
     # -- metadata access (used through the block cache) ------------------------------------
 
@@ -332,7 +345,7 @@ class VhdImage:
             return "the trailing footer is missing or damaged; only the copy at offset 0 is valid"
         if not self.footer_copy_matches:
             return "the footer copy at offset 0 differs from the trailing footer"
-        return self.short_table
+        return None
 
     def reserve_block(self, block: int) -> Allocation:
         """Reserve room for block ``block`` at the end of the file.
@@ -391,52 +404,9 @@ class Allocation:
     end: int
 
 
-def _locate_footer(file: HostFile) -> FooterLocation:
-    """Find the footer to trust: trailing first (512 or 511 bytes), then the copy at 0."""
-    size = file.size
-    if size < FOOTER_SIZE - 1:
-        raise NotAVhdError(file.path, f"not a VHD image: the file is only {size} bytes")
-    head = file.pread(0, FOOTER_SIZE)
-    if head[:8] == VHDX_SIGNATURE:
-        raise UnsupportedImageError(file.path, "this is a VHDX image; only VHD is supported")
-    trailing_length = OLD_FOOTER_SIZE if size % SECTOR == OLD_FOOTER_SIZE else FOOTER_SIZE
-    trailing_offset = size - trailing_length
-    trailing_raw = file.pread(trailing_offset, trailing_length).ljust(FOOTER_SIZE, b"\0")
-    trailing, trailing_error = _try_footer(file, trailing_raw, "footer")
-    copy, copy_error = None, None
-    if trailing_offset > 0 and (trailing is None or trailing.disk_type != DiskType.FIXED):
-        copy, copy_error = _try_footer(file, head, "footer copy at offset 0")
-        if copy is not None and copy.disk_type == DiskType.FIXED:
-            copy = None  # offset 0 of a fixed disk is guest data, never a footer copy
-    if trailing is not None:
-        note = None
-        if copy is not None and copy != trailing:
-            note = "the footer copy at offset 0 differs from the trailing footer; using the latter"
-        return FooterLocation(
-            trailing, trailing_length, trailing_offset, copy == trailing, trailing_raw, note
-        )
-    assert trailing_error is not None
-    if copy is not None:
-        note = f"trailing footer unusable ({trailing_error.message}); using the copy at offset 0"
-        return FooterLocation(copy, 0, size, True, head, note)
-    # Report the most specific problem: a damaged footer beats "no footer at all".
-    if isinstance(trailing_error, NotAVhdError) and not isinstance(copy_error, NotAVhdError | None):
-        raise copy_error
-    raise trailing_error
-
-
-def _try_footer(
-    file: HostFile, raw: bytes, where: str
-) -> tuple[Footer, None] | tuple[None, ImageError]:
-    try:
-        return parse_footer(raw, file.path, where=where), None
-    except ImageError as exc:
-        return None, exc
-
-
 def _read_header(file: HostFile, location: FooterLocation) -> DynamicHeader:
     offset = location.footer.data_offset
-    limit = location.trailing_offset if location.trailing_length else file.size
+    limit = location.data_limit
     if offset < SECTOR or offset % SECTOR or offset + HEADER_SIZE > limit:
         raise FormatError(
             file.path,
