@@ -83,6 +83,7 @@ class Mount:
         self.pid: int | None = None
         self.process: subprocess.Popen[bytes] | None = None
         self.stderr = b""
+        self.returncode: int | None = None
 
     @property
     def pidfile(self) -> str:
@@ -116,6 +117,7 @@ class Mount:
             self.argv(), capture_output=True, timeout=60, cwd=self.cwd, env=self.env
         )
         self.stderr = result.stderr
+        self.returncode = result.returncode
         if result.returncode != 0:
             raise MountFailed(f"vhdfs exited {result.returncode}: {result.stderr.decode().strip()}")
         with open(self.pidfile) as f:

@@ -111,7 +111,9 @@ def _leaks(image: VhdImage) -> list[tuple[int, int]]:
     position aligned the same way, as Windows and vhdfs place them. Anything else that is
     unreferenced is a leak, however small.
     """
-    used: list[tuple[int, int, bool]] = [(r.start, r.end, False) for r in image.reserved]
+    size = image.file.size
+    # A locator pointing past the end of the file reserves space there, but none is leaked.
+    used = [(r.start, r.end, False) for r in image.reserved if r.start < size]
     for page_no in range(image.bat_pages):
         for entry in image.read_bat_page(page_no):
             if entry != UNALLOCATED:

@@ -199,14 +199,16 @@ class VhdImage:
                 if loc.is_empty or not loc.data_length:
                     continue
                 name = f"parent locator {slot} ({loc.platform_name}) data"
+                space = max(loc.data_length, loc.space_bytes)
+                # Even a locator that cannot be read keeps its place: a new block must never
+                # land where it points, or the file would grow into a clash.
+                reserved.append(Region(loc.data_offset, loc.data_offset + space, name))
                 if loc.data_offset + loc.data_length > limit:
                     self.warnings.append(
                         f"{name} at offset {loc.data_offset} runs past the end of the file; ignored"
                     )
                     continue
                 regions.append(Region(loc.data_offset, loc.data_offset + loc.data_length, name))
-                space = max(loc.data_length, loc.space_bytes)
-                reserved.append(Region(loc.data_offset, loc.data_offset + space, name))
         self.metadata = check_disjoint(self.path, regions)
         self.reserved = sorted(self.metadata + reserved)
 
