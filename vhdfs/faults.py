@@ -5,7 +5,7 @@ exactly as ``kill -9`` or a power cut would stop it there.
 
 Inert unless the environment variable ``VHDFS_CRASH_AT`` is set (read once, at import), as
 ``POINT`` or ``POINT:N`` (crash on the N-th time the point is reached). The points are named in
-``vhdfs.cache.writeback``; see its table of what a crash leaves behind at each.
+``vhdfs.image.commit``; see its table of what a crash leaves behind at each.
 """
 
 from __future__ import annotations

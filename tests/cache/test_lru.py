@@ -5,7 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.support.images import Layer, build_chain
-from vhdfs.cache.block_cache import CACHED_READ_LIMIT, DATA_CHUNK, MIN_CACHE_SIZE, BlockCache
+from vhdfs.cache.block_cache import (
+    CACHED_READ_LIMIT,
+    DATA_CHUNK,
+    MIN_CACHE_SIZE,
+    BlockCache,
+    DataRead,
+)
 from vhdfs.cache.lru import ENTRY_OVERHEAD, LruCache
 from vhdfs.image.chain import Chain
 
@@ -46,25 +52,29 @@ def test_block_cache_stays_within_budget(tmp_path: Path) -> None:
         host = entry * 512 + 512
         for offset in range(0, 8 << 20, DATA_CHUNK):
             # The first read of a chunk is done exactly and not cached; the second one is.
-            assert cache.chunk_span(0, host + offset, 4096) == (
+            first = cache.lookup(0, host + offset, 4096)
+            assert isinstance(first, DataRead)
+            assert (first.start, first.stop, first.cacheable) == (
                 host + offset,
                 host + offset + 4096,
                 False,
             )
-            start, stop, cacheable = cache.chunk_span(0, host + offset, 4096)
-            assert cacheable
-            assert start <= host + offset < host + offset + 4096 <= stop
-            data = chain.leaf.file.pread(start, stop - start)
-            cache.store_data(0, start, data, cache.data_epoch(0))
-            assert (
-                cache.cached_data(0, host + offset, 4096)
-                == data[host + offset - start : host + offset - start + 4096]
-            )
+            cache.fill(first, chain.leaf.file.pread(first.start, 4096))
+            second = cache.lookup(0, host + offset, 4096)
+            assert isinstance(second, DataRead)
+            assert second.cacheable
+            assert second.start <= host + offset < host + offset + 4096 <= second.stop
+            data = chain.leaf.file.pread(second.start, second.stop - second.start)
+            wanted = data[host + offset - second.start : host + offset - second.start + 4096]
+            assert bytes(cache.fill(second, data)) == wanted
+            assert cache.lookup(0, host + offset, 4096) == wanted
         stats = cache.statistics()
         assert stats.bytes <= MIN_CACHE_SIZE
         assert stats.evictions > 0
         # A large read is done exactly as asked and not cached at all.
-        assert cache.chunk_span(0, host + 1, CACHED_READ_LIMIT + 1) == (
+        large = cache.lookup(0, host + 1, CACHED_READ_LIMIT + 1)
+        assert isinstance(large, DataRead)
+        assert (large.start, large.stop, large.cacheable) == (
             host + 1,
             host + 2 + CACHED_READ_LIMIT,
             False,

@@ -9,29 +9,29 @@ from vhdfs.daemon.options import (
     escape_fuse_value,
     parse_mount_options,
 )
+from vhdfs.disk.hostio import IoMode
 from vhdfs.errors import UsageError
-from vhdfs.hostio import IoMode
 
 
 def test_defaults_are_read_write_with_write_back() -> None:
-    options = parse_mount_options([])
-    assert (options.read_only, options.explicit_rw, options.writeback) == (False, False, 5.0)
-    assert (options.cache_size, options.dirty_limit) == (64 << 20, 64 << 20)
-    assert options.io_mode == IoMode.INLINE
+    disk = parse_mount_options([]).disk
+    assert (disk.read_only, disk.explicit_rw, disk.writeback) == (False, False, 5.0)
+    assert (disk.cache_size, disk.dirty_limit) == (64 << 20, 64 << 20)
+    assert disk.io_mode == IoMode.INLINE
 
 
 def test_vhdfs_keys() -> None:
     options = parse_mount_options(
         ["rw,cache_size=256M", "writeback=0.5,dirty_limit=8M", "io=auto,overlay=/tmp/o.vhd"]
     )
-    assert options.explicit_rw
-    assert options.cache_size == 256 << 20
-    assert options.writeback == 0.5
-    assert options.dirty_limit == 8 << 20
-    assert options.io_mode == IoMode.AUTO
+    assert options.disk.explicit_rw
+    assert options.disk.cache_size == 256 << 20
+    assert options.disk.writeback == 0.5
+    assert options.disk.dirty_limit == 8 << 20
+    assert options.disk.io_mode == IoMode.AUTO
     assert options.overlay == "/tmp/o.vhd"
-    assert parse_mount_options(["sync"]).writeback == 0
-    last_wins = parse_mount_options(["rw", "ro"])
+    assert parse_mount_options(["sync"]).disk.writeback == 0
+    last_wins = parse_mount_options(["rw", "ro"]).disk
     assert (last_wins.read_only, last_wins.explicit_rw) == (True, False)
 
 

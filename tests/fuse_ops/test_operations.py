@@ -12,12 +12,9 @@ import pyfuse3
 import pytest
 
 from tests.support.images import Layer, build_chain
-from vhdfs.cache.block_cache import BlockCache
-from vhdfs.disk import VirtualDisk
+from vhdfs.disk.virtual import DiskOptions, open_disk
 from vhdfs.errors import HostIOError
 from vhdfs.fuse.operations import RawFile, VhdfsOperations
-from vhdfs.hostio import HostIO
-from vhdfs.image.chain import Chain
 
 SIZE = 4 << 20
 
@@ -25,8 +22,7 @@ SIZE = 4 << 20
 @pytest.fixture
 async def ops(tmp_path: Path) -> AsyncIterator[tuple[VhdfsOperations, bytes]]:
     built = build_chain(tmp_path, SIZE, [Layer(writes=[(8, 100)])])
-    chain = Chain.open(str(built.leaf))
-    disk = VirtualDisk(chain, BlockCache(chain), HostIO())
+    disk = open_disk(str(built.leaf), DiskOptions(read_only=True))
     raw = RawFile("layer0.raw", disk, os.stat(built.leaf))
     yield (
         VhdfsOperations([raw], single_file=False, root_stat=os.stat(tmp_path)),

@@ -213,6 +213,6 @@ def test_warnings_do_not_precede_the_error_line(tmp_path: Path) -> None:
     findings = [str(f) for f in check_chain(str(child)).findings]
     assert findings == [
         f"warning: {child}: parent locator 0 (W2ru) data at offset {offset + (1 << 30)} runs "
-        "past the end of the file; ignored",
+        "past the end of the file; ignored, and the image is not written",
         f"error: {child}: parent 'base.vhd' not found; tried: {tmp_path / 'base.vhd'}",
     ]

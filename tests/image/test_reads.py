@@ -15,9 +15,10 @@ from hypothesis import strategies as st
 
 from tests.support.images import SECTOR, Layer, build_chain
 from vhdfs.cache.block_cache import MIN_CACHE_SIZE, BlockCache
-from vhdfs.disk import VirtualDisk
-from vhdfs.hostio import HostIO, IoMode
-from vhdfs.image.chain import ZEROS, Chain
+from vhdfs.disk.hostio import IoMode
+from vhdfs.disk.virtual import DiskOptions, open_disk
+from vhdfs.image.chain import Chain
+from vhdfs.image.extents import Extent
 
 SIZE = 3 * 1024 * 1024 + 7 * SECTOR  # not a multiple of any block size
 SECTORS = SIZE // SECTOR
@@ -55,8 +56,8 @@ reads = st.lists(
 
 def _read_all(leaf: Path, ranges: list[tuple[int, int]], mode: IoMode) -> list[bytes]:
     async def main() -> list[bytes]:
-        chain = Chain.open(str(leaf))
-        disk = VirtualDisk(chain, BlockCache(chain, MIN_CACHE_SIZE), HostIO(mode))
+        options = DiskOptions(read_only=True, cache_size=MIN_CACHE_SIZE, io_mode=mode)
+        disk = open_disk(str(leaf), options)
         try:
             return [bytes(await disk.read(offset, length)) for offset, length in ranges]
         finally:
@@ -99,9 +100,9 @@ def test_plan_merges_runs_and_skips_unallocated(tmp_path: Path) -> None:
         assert plan == [
             (0, 128 * SECTOR, 0, entry0 * SECTOR + SECTOR),
             (128 * SECTOR, 72 * SECTOR, 0, entry1 * SECTOR + SECTOR),
-            (200 * SECTOR, 1000, ZEROS, 0),
+            Extent.zeros(200 * SECTOR, 1000),
         ]
         # A range with nothing allocated is one zero extent, answered without host I/O.
-        assert chain.plan_read(SIZE - 8192, 100_000, cache) == [(SIZE - 8192, 8192, ZEROS, 0)]
+        assert chain.plan_read(SIZE - 8192, 100_000, cache) == [Extent.zeros(SIZE - 8192, 8192)]
     finally:
         chain.close()

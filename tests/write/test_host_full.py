@@ -11,12 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.images import pattern, run
-from vhdfs.cache.block_cache import BlockCache
-from vhdfs.cache.writeback import WriteBack
-from vhdfs.disk import VirtualDisk
+from vhdfs.disk.virtual import DiskOptions, open_disk
 from vhdfs.errors import HostIOError
-from vhdfs.hostio import HostIO
-from vhdfs.image.chain import Chain
 from vhdfs.image.check import check_chain
 from vhdfs.image.create import create_dynamic
 
@@ -56,10 +52,7 @@ async def test_full_host_file_system(small_fs: Path) -> None:
         pass
     os.close(fd)
     os.truncate(filler, filler.stat().st_size - 1 * MiB)  # room for about one block
-    chain = Chain.open(str(image), writable=True)
-    cache = BlockCache(chain)
-    hostio = HostIO()
-    disk = VirtualDisk(chain, cache, hostio, WriteBack(chain, cache, hostio, interval=60))
+    disk = open_disk(str(image), DiskOptions(writeback=60))
     data = pattern(3, 4 * MiB)
     await disk.write(0, data)
     sizes = []
@@ -76,9 +69,8 @@ async def test_full_host_file_system(small_fs: Path) -> None:
     report = check_chain(str(image))
     assert report.exit_code == 0, [str(f) for f in report.findings]
     assert report.leaked_bytes == 0  # each block went where its first attempt reserved it
-    reopened = Chain.open(str(image))
+    check = open_disk(str(image), DiskOptions(read_only=True))
     try:
-        check = VirtualDisk(reopened, BlockCache(reopened), HostIO())
         assert bytes(await check.read(0, len(data))) == data
     finally:
-        reopened.close()
+        await check.aclose()

@@ -10,12 +10,10 @@ import pytest
 import trio
 
 from tests.support.images import Layer, build_chain, pattern
-from vhdfs.cache.block_cache import MIN_CACHE_SIZE, BlockCache
-from vhdfs.cache.writeback import WriteBack
-from vhdfs.disk import VirtualDisk
+from vhdfs.cache.block_cache import MIN_CACHE_SIZE
+from vhdfs.disk.hostio import HostIO, IoMode
+from vhdfs.disk.virtual import DiskOptions, open_disk
 from vhdfs.errors import HostIOError
-from vhdfs.hostio import HostIO, IoMode
-from vhdfs.image.chain import Chain
 from vhdfs.image.hostfile import HostFile
 
 
@@ -36,10 +34,8 @@ class SlowDisk(HostIO):
 
 async def test_read_racing_a_flush_never_caches_old_bytes(tmp_path: Path) -> None:
     built = build_chain(tmp_path, 4 << 20, [Layer(writes=[(0, 64)])])
-    chain = Chain.open(str(built.leaf), writable=True)
-    cache = BlockCache(chain)
     hostio = SlowDisk()
-    disk = VirtualDisk(chain, cache, hostio, WriteBack(chain, cache, hostio, interval=60))
+    disk = open_disk(str(built.leaf), DiskOptions(writeback=60), hostio=hostio)
     new = pattern(5, 4096)
     try:
         async with trio.open_nursery() as nursery:
@@ -72,10 +68,9 @@ async def test_bitmap_reloaded_during_the_sync_gets_the_new_bits(tmp_path: Path)
     # bitmap from a 1 MiB cache while the flush waits for its sync.
     layer = Layer(block_size=512 << 10, writes=[(0, 8), (1024, 3072)])
     built = build_chain(tmp_path, 4 << 20, [layer])
-    chain = Chain.open(str(built.leaf), writable=True)
-    cache = BlockCache(chain, MIN_CACHE_SIZE)
     hostio = SlowSync()
-    disk = VirtualDisk(chain, cache, hostio, WriteBack(chain, cache, hostio, interval=60))
+    options = DiskOptions(writeback=60, cache_size=MIN_CACHE_SIZE)
+    disk = open_disk(str(built.leaf), options, hostio=hostio)
     new = pattern(8, 512)
     try:
         await disk.write(8 * 512, new)  # sector 8: its bit is still clear
@@ -89,12 +84,11 @@ async def test_bitmap_reloaded_during_the_sync_gets_the_new_bits(tmp_path: Path)
         assert bytes(await disk.read(8 * 512, 512)) == new
     finally:
         await disk.aclose()
-    reopened = Chain.open(str(built.leaf))
+    check = open_disk(str(built.leaf), DiskOptions(read_only=True))
     try:
-        check = VirtualDisk(reopened, BlockCache(reopened), HostIO())
         assert bytes(await check.read(8 * 512, 512)) == new
     finally:
-        reopened.close()
+        await check.aclose()
 
 
 class FailingSync(HostIO):
@@ -113,10 +107,7 @@ class FailingSync(HostIO):
 
 async def test_a_failed_sync_fails_every_later_sync_and_write(tmp_path: Path) -> None:
     built = build_chain(tmp_path, 4 << 20, [Layer(kind="fixed")])
-    chain = Chain.open(str(built.leaf), writable=True)
-    cache = BlockCache(chain)
-    hostio = FailingSync()
-    disk = VirtualDisk(chain, cache, hostio, WriteBack(chain, cache, hostio, interval=60))
+    disk = open_disk(str(built.leaf), DiskOptions(writeback=60), hostio=FailingSync())
     await disk.write(0, pattern(1, 4096))
     for _ in range(2):
         with pytest.raises(HostIOError, match="fdatasync failed"):
@@ -124,4 +115,4 @@ async def test_a_failed_sync_fails_every_later_sync_and_write(tmp_path: Path) ->
     with pytest.raises(HostIOError, match="fdatasync failed"):
         await disk.write(4096, pattern(2, 4096))
     disk.hostio.close()
-    chain.close()
+    disk.chain.close()

@@ -16,12 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.support.images import SECTOR, Layer, build_chain, pattern
-from vhdfs.cache.block_cache import MIN_CACHE_SIZE, BlockCache
-from vhdfs.cache.writeback import WriteBack
-from vhdfs.disk import VirtualDisk
+from vhdfs.cache.block_cache import MIN_CACHE_SIZE
+from vhdfs.disk.virtual import DiskOptions, VirtualDisk, open_disk
 from vhdfs.errors import NoSpaceError
-from vhdfs.hostio import HostIO
-from vhdfs.image.chain import Chain
 from vhdfs.image.check import check_chain
 from vhdfs.image.create import create_differencing
 
@@ -46,11 +43,8 @@ operations = st.one_of(
 
 
 def _open(leaf: Path, interval: float, dirty_limit: int) -> VirtualDisk:
-    chain = Chain.open(str(leaf), writable=True)
-    cache = BlockCache(chain, MIN_CACHE_SIZE)
-    hostio = HostIO()
-    writeback = WriteBack(chain, cache, hostio, interval=interval, dirty_limit=dirty_limit)
-    return VirtualDisk(chain, cache, hostio, writeback)
+    options = DiskOptions(cache_size=MIN_CACHE_SIZE, writeback=interval, dirty_limit=dirty_limit)
+    return open_disk(str(leaf), options)
 
 
 async def _run_program(leaf: Path, model: bytearray, program: list[tuple], interval: float) -> None:

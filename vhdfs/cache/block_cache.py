@@ -7,17 +7,20 @@ read missing entries from the image synchronously (metadata reads are small and,
 in use, almost always hits).
 
 Data is cached as physical bytes, so a later write only has to drop the chunks it overlaps.
-Which data earns a place is decided by measurement: the host's page cache also holds the image
-files, and a 4 KiB read from it costs about as much as a cache hit here (12.4 against 13.0 µs
-in-process), while caching a chunk on a miss costs a copy (26 µs a read when every miss was
-cached). So:
+The cache owns its read-through: ``lookup`` answers from memory or says which host read to do
+(``DataRead``), the caller does that read wherever its thread policy says, and ``fill`` takes
+the bytes back, keeps what earns a place and returns what was asked. Which data earns a place
+was decided by measurement (docs/performance.md): the host's page cache also holds the image
+files, and a small read from it costs about as much as a hit here, while caching every miss
+costs a copy. So:
 
 * a host run longer than ``CACHED_READ_LIMIT`` is read exactly as asked and never cached:
-  large reads are scans, which would evict everything else (1 MiB reads ran at 2.2 GB/s
-  through the cache, 8.6 GB/s past it);
+  large reads are scans, which would evict everything else;
 * a small read is cached only the second time its chunk is read (a bounded list of recently
   read chunk keys remembers the first time). Data read again is then served from memory,
-  widened to whole chunks; one-off random reads cost no more than a plain host read.
+  widened to whole chunks; one-off random reads cost no more than a plain host read;
+* a read that was under way while the layer's file was written is not cached (the write
+  epoch moved on): it may hold the old bytes.
 
 Thread safety: used only from the trio thread, and no method awaits, so no lock is needed.
 """
@@ -26,9 +29,10 @@ from __future__ import annotations
 
 from array import array
 from collections import OrderedDict
-from typing import Any
+from typing import Any, NamedTuple
 
 from vhdfs.cache.lru import CacheStatistics, LruCache
+from vhdfs.errors import HostIOError
 from vhdfs.format.bat import BAT_PAGE_ENTRIES
 from vhdfs.format.bitmap import SectorBitmap
 from vhdfs.format.layout import UNALLOCATED
@@ -38,8 +42,8 @@ from vhdfs.image.chain import Chain
 DEFAULT_CACHE_SIZE = 64 << 20
 #: Smallest budget accepted: enough for the metadata of any request.
 MIN_CACHE_SIZE = 1 << 20
-#: Granularity of cached data, in bytes of the host file. Measured in-process on random 4 KiB
-#: reads: 16 KiB chunks served 37k reads/s, 64 KiB chunks 23k (copying the rest costs).
+#: Granularity of cached data, in bytes of the host file (chosen by measurement: larger chunks
+#: cost more copying per small read).
 DATA_CHUNK = 16 << 10
 #: Host runs longer than this bypass the data cache.
 CACHED_READ_LIMIT = 64 << 10
@@ -49,6 +53,20 @@ _BITMAP = 1
 _DATA = 2
 
 CacheKey = tuple[int, int, int]
+
+
+class DataRead(NamedTuple):
+    """A host read the cache needs done: bytes ``[start, stop)`` of the layer's file."""
+
+    layer: int
+    start: int
+    stop: int
+    #: What the caller asked for, inside ``[start, stop)``.
+    offset: int
+    length: int
+    cacheable: bool
+    #: The layer's write epoch when the read was planned.
+    epoch: int
 
 
 class BlockCache:
@@ -93,13 +111,42 @@ class BlockCache:
         bitmap: SectorBitmap | None = self._lru.get(key)
         if bitmap is None:
             bitmap = self.layers[layer].read_bitmap(entry)
-            self._lru.put(key, bitmap, len(bitmap.raw) + len(bitmap.bits))
+            self._lru.put(key, bitmap, bitmap.nbytes)
         return bitmap
 
-    # -- data ----------------------------------------------------------------------------
+    # -- data: the read-through -----------------------------------------------------------
 
-    def cached_data(self, layer: int, offset: int, length: int) -> bytes | bytearray | None:
-        """Bytes ``[offset, offset + length)`` of the layer's file if all are cached."""
+    def lookup(self, layer: int, offset: int, length: int) -> bytes | bytearray | DataRead:
+        """Bytes ``[offset, offset + length)`` of the layer's file, or the read to do first."""
+        cached = self._cached(layer, offset, length)
+        if cached is not None:
+            return cached
+        start, stop, cacheable = self._span(layer, offset, length)
+        return DataRead(layer, start, stop, offset, length, cacheable, self._data_epoch[layer])
+
+    def fill(self, read: DataRead, raw: bytes | bytearray) -> bytes | bytearray | memoryview:
+        """Take the bytes of ``read`` from the host; return the part that was asked for.
+
+        Raises:
+            HostIOError: The file ended before the bytes asked for.
+        """
+        skip = read.offset - read.start
+        if len(raw) < skip + read.length:
+            raise HostIOError(
+                self.layers[read.layer].path,
+                f"file ended early: read at {read.offset} returned {len(raw) - skip} of "
+                f"{read.length} bytes",
+            )
+        if read.cacheable and read.epoch == self._data_epoch[read.layer]:
+            first = read.start // DATA_CHUNK
+            for index, pos in enumerate(range(0, len(raw), DATA_CHUNK), first):
+                chunk = raw[pos : pos + DATA_CHUNK]
+                self._lru.put((read.layer, _DATA, index), chunk, len(chunk))
+        if skip == 0 and len(raw) == read.length:
+            return raw
+        return memoryview(raw)[skip : skip + read.length]
+
+    def _cached(self, layer: int, offset: int, length: int) -> bytes | bytearray | None:
         first, skip = divmod(offset, DATA_CHUNK)
         last = (offset + length - 1) // DATA_CHUNK
         if first == last:
@@ -118,12 +165,11 @@ class BlockCache:
             return None
         return joined[skip : skip + length]
 
-    def chunk_span(self, layer: int, offset: int, length: int) -> tuple[int, int, bool]:
-        """The range of the layer's file to read for ``[offset, offset + length)``.
+    def _span(self, layer: int, offset: int, length: int) -> tuple[int, int, bool]:
+        """The range of the layer's file to read for a request, and whether to cache it.
 
-        Returns:
-            ``(start, stop, cacheable)``: a small read is widened to whole chunks (clipped to
-            the file's size) so it can be cached; a large one is left as it is and is not.
+        A small read is widened to whole chunks (clipped to the file's size) when it is to be
+        cached; otherwise exactly what was asked is read.
         """
         if length > self._bypass:
             return offset, offset + length, False
@@ -139,22 +185,6 @@ class BlockCache:
         stop = -(-(offset + length) // DATA_CHUNK) * DATA_CHUNK
         return start, min(stop, max(self.layers[layer].file.size, offset + length)), True
 
-    def data_epoch(self, layer: int) -> int:
-        """A number that changes whenever the layer's file is written."""
-        return self._data_epoch[layer]
-
-    def store_data(self, layer: int, start: int, data: bytes | bytearray, epoch: int) -> None:
-        """Cache ``data`` read at ``start`` (a cacheable ``chunk_span``), chunk by chunk.
-
-        Nothing is cached if the file was written since ``epoch`` (taken before the read).
-        """
-        if epoch != self._data_epoch[layer]:
-            return
-        first = start // DATA_CHUNK
-        for index, pos in enumerate(range(0, len(data), DATA_CHUNK), first):
-            chunk = data[pos : pos + DATA_CHUNK]
-            self._lru.put((layer, _DATA, index), chunk, len(chunk))
-
     # -- keeping the cache right as the write path changes the file -----------------------
 
     def set_bat_entry(self, layer: int, block: int, entry: int) -> None:
@@ -166,7 +196,7 @@ class BlockCache:
 
     def put_bitmap(self, layer: int, block: int, bitmap: SectorBitmap) -> None:
         """Cache the bitmap of a block just allocated."""
-        self._lru.put((layer, _BITMAP, block), bitmap, len(bitmap.raw) + len(bitmap.bits))
+        self._lru.put((layer, _BITMAP, block), bitmap, bitmap.nbytes)
 
     def forget_metadata(self, layer: int) -> None:
         """Drop the layer's cached BAT pages and bitmaps.

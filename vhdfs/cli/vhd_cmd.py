@@ -10,7 +10,6 @@ from collections.abc import Sequence
 
 from vhdfs import __version__
 from vhdfs.cli.info import chain_report, render_json, render_text
-from vhdfs.cli.output import error, setup_logging
 from vhdfs.errors import ExitCode, UsageError, VhdfsError
 from vhdfs.image.chain import Chain
 from vhdfs.image.check import check_chain
@@ -21,6 +20,7 @@ from vhdfs.image.create import (
     create_dynamic,
     create_fixed,
 )
+from vhdfs.logs import error, setup_logging
 from vhdfs.text import printable
 from vhdfs.units import format_size, parse_size
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vhdfs.cache.block_cache import DEFAULT_CACHE_SIZE, MIN_CACHE_SIZE
-from vhdfs.cache.writeback import DEFAULT_DIRTY_LIMIT, DEFAULT_INTERVAL
+from vhdfs.cache.block_cache import MIN_CACHE_SIZE
+from vhdfs.disk.hostio import IoMode
+from vhdfs.disk.virtual import DiskOptions
 from vhdfs.errors import UsageError
-from vhdfs.hostio import IoMode
 from vhdfs.units import format_size, parse_size
 
 #: Smallest ``dirty_limit``: one maximal FUSE write must fit.
@@ -60,17 +60,11 @@ IGNORED_FLAGS = frozenset(
 
 @dataclass
 class MountOptions:
-    """What the ``-o`` options asked for."""
+    """What the ``-o`` options asked for: how to open each disk, and how to mount."""
 
-    read_only: bool = False
-    #: ``rw`` was given explicitly: refuse rather than fall back to read-only.
-    explicit_rw: bool = False
-    cache_size: int = DEFAULT_CACHE_SIZE
-    writeback: float = DEFAULT_INTERVAL
-    dirty_limit: int = DEFAULT_DIRTY_LIMIT
+    disk: DiskOptions = field(default_factory=DiskOptions)
     overlay: str | None = None
     pidfile: str | None = None
-    io_mode: IoMode = IoMode.INLINE
     fsname: str | None = None
     subtype: str | None = None
     fuse_flags: list[str] = field(default_factory=list)
@@ -98,13 +92,13 @@ def _apply(options: MountOptions, item: str) -> None:
     if has_value:
         _apply_value(options, key, value)
     elif key == "ro":
-        options.read_only = True
-        options.explicit_rw = False
+        options.disk.read_only = True
+        options.disk.explicit_rw = False
     elif key == "rw":
-        options.read_only = False
-        options.explicit_rw = True
+        options.disk.read_only = False
+        options.disk.explicit_rw = True
     elif key == "sync":
-        options.writeback = 0.0
+        options.disk.writeback = 0.0
     elif key in PASS_THROUGH_FLAGS:
         if key not in options.fuse_flags:
             options.fuse_flags.append(key)
@@ -114,9 +108,9 @@ def _apply(options: MountOptions, item: str) -> None:
 
 def _apply_value(options: MountOptions, key: str, value: str) -> None:
     if key == "cache_size":
-        options.cache_size = _size_value(key, value, MIN_CACHE_SIZE)
+        options.disk.cache_size = _size_value(key, value, MIN_CACHE_SIZE)
     elif key == "dirty_limit":
-        options.dirty_limit = _size_value(key, value, MIN_DIRTY_LIMIT)
+        options.disk.dirty_limit = _size_value(key, value, MIN_DIRTY_LIMIT)
     elif key == "writeback":
         try:
             seconds = float(value)
@@ -124,7 +118,7 @@ def _apply_value(options: MountOptions, key: str, value: str) -> None:
             seconds = -1.0
         if not 0 <= seconds <= 86400:
             raise UsageError(None, f"writeback={value}: expected seconds from 0 to 86400")
-        options.writeback = seconds
+        options.disk.writeback = seconds
     elif key == "pidfile":
         if not value:
             raise UsageError(None, "pidfile= needs a path")
@@ -135,7 +129,7 @@ def _apply_value(options: MountOptions, key: str, value: str) -> None:
         options.overlay = value
     elif key == "io":
         try:
-            options.io_mode = IoMode(value)
+            options.disk.io_mode = IoMode(value)
         except ValueError:
             choices = ", ".join(m.value for m in IoMode)
             raise UsageError(None, f"io={value}: expected one of {choices}") from None

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import pyfuse3
 import trio
 
-from vhdfs.disk import VirtualDisk
+from vhdfs.disk.virtual import VirtualDisk
 from vhdfs.errors import VhdfsError
 
 log = logging.getLogger(__name__)

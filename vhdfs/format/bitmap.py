@@ -8,6 +8,8 @@ bits at C speed, which is what every read and write needs.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from vhdfs.format.layout import SECTOR
 
 
@@ -33,6 +35,23 @@ class SectorBitmap:
         used = -(-sectors // 8)
         value = int.from_bytes(self.raw[:used], "big")
         self.bits = format(value, f"0{used * 8}b")[:sectors]
+
+    @property
+    def nbytes(self) -> int:
+        """Memory this bitmap holds (both representations), for cache budgets."""
+        return len(self.raw) + len(self.bits)
+
+    def is_full(self, first: int, count: int) -> bool:
+        """True when every sector of ``[first, first + count)`` is present."""
+        return self.bits.find("0", first, first + count) < 0
+
+    def with_ranges(self, ranges: Iterable[tuple[int, int]]) -> SectorBitmap:
+        """A copy with every ``(first sector, count)`` range of ``ranges`` marked present."""
+        copy = SectorBitmap.__new__(SectorBitmap)
+        copy.sectors, copy.raw, copy.bits = self.sectors, bytearray(self.raw), self.bits
+        for first, count in ranges:
+            copy.set_range(first, count)
+        return copy
 
     def runs(self, first: int, count: int) -> list[tuple[int, int, bool]]:
         """Split sectors ``[first, first + count)`` into runs of equal state.

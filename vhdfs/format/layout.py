@@ -29,6 +29,10 @@ FEATURE_RESERVED = 0x2
 FIXED_DATA_OFFSET = 0xFFFFFFFFFFFFFFFF
 UNALLOCATED = 0xFFFFFFFF
 
+#: Where block data starts: Windows (aligned VHDs), blktap and vhdfs put it on 4 KiB
+#: boundaries, padding before each block's bitmap. Gaps shorter than this are padding.
+DATA_ALIGNMENT = 4096
+
 #: Offsets of the checksum fields, for the checksum helpers.
 FOOTER_CHECKSUM_OFFSET = 64
 HEADER_CHECKSUM_OFFSET = 36

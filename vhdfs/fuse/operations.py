@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import pyfuse3
 from pyfuse3 import FileHandleT, FileNameT, InodeT
 
-from vhdfs.disk import VirtualDisk
+from vhdfs.disk.virtual import VirtualDisk
 from vhdfs.fuse.errno_map import fuse_errors
 
 #: The tree never changes, so the kernel may cache names and attributes for long.

@@ -90,7 +90,8 @@ def _check_layer(image: VhdImage, report: CheckReport) -> None:
         if warning != problem:  # reported once, below, as what it is
             report.findings.append(Finding("warning", image.path, warning))
     if problem is not None:
-        severity = "warning" if image.footer.saved_state else "error"
+        harmless = image.footer.saved_state or problem in image.write_hazards
+        severity = "warning" if harmless else "error"
         report.findings.append(Finding(severity, image.path, problem))
     if image.kind == DiskType.FIXED:
         return
@@ -111,9 +112,7 @@ def _leaks(image: VhdImage) -> list[tuple[int, int]]:
     position aligned the same way, as Windows and vhdfs place them. Anything else that is
     unreferenced is a leak, however small.
     """
-    size = image.file.size
-    # A locator pointing past the end of the file reserves space there, but none is leaked.
-    used = [(r.start, r.end, False) for r in image.reserved if r.start < size]
+    used = [(r.start, r.end, False) for r in image.reserved]
     for page_no in range(image.bat_pages):
         for entry in image.read_bat_page(page_no):
             if entry != UNALLOCATED:

@@ -20,13 +20,11 @@ the layers above, so a 2 TiB image costs a few kilobytes until it is used.
 from __future__ import annotations
 
 from array import array
-from dataclasses import dataclass
 from typing import Self
 
 from vhdfs.errors import (
     CorruptMetadataError,
     FormatError,
-    NoSpaceError,
     TruncatedImageError,
     UnsupportedImageError,
 )
@@ -56,7 +54,8 @@ class VhdImage:
     """One VHD file, validated, with the geometry of its blocks precomputed.
 
     Use :meth:`open`. Attributes are read-only after opening except for the allocation state
-    (``data_end``, ``allocated_blocks``, ``next_free``), which the write path maintains.
+    (``data_end``, ``allocated_blocks``, ``next_free``), which the write path maintains as it
+    executes plans of ``vhdfs.image.commit``.
     """
 
     def __init__(
@@ -78,6 +77,8 @@ class VhdImage:
         #: Current size rounded down to whole sectors (the size Hyper-V, Azure and blktap use).
         self.virtual_size = footer.current_size - footer.current_size % SECTOR
         self.warnings: list[str] = [location.note] if location.note else []
+        #: Those of the warnings that also make writing unsafe (see ``write_problem``).
+        self.write_hazards: list[str] = []
         if header is None:
             self.block_size = 0
             self.sectors_per_block = 0
@@ -199,16 +200,18 @@ class VhdImage:
                 if loc.is_empty or not loc.data_length:
                     continue
                 name = f"parent locator {slot} ({loc.platform_name}) data"
-                space = max(loc.data_length, loc.space_bytes)
-                # Even a locator that cannot be read keeps its place: a new block must never
-                # land where it points, or the file would grow into a clash.
-                reserved.append(Region(loc.data_offset, loc.data_offset + space, name))
                 if loc.data_offset + loc.data_length > limit:
-                    self.warnings.append(
-                        f"{name} at offset {loc.data_offset} runs past the end of the file; ignored"
+                    # Unusable, and a hazard: a write would grow the file into it.
+                    warning = (
+                        f"{name} at offset {loc.data_offset} runs past the end of the file; "
+                        "ignored, and the image is not written"
                     )
+                    self.warnings.append(warning)
+                    self.write_hazards.append(warning)
                     continue
                 regions.append(Region(loc.data_offset, loc.data_offset + loc.data_length, name))
+                space = max(loc.data_length, loc.space_bytes)
+                reserved.append(Region(loc.data_offset, loc.data_offset + space, name))
         self.metadata = check_disjoint(self.path, regions)
         self.reserved = sorted(self.metadata + reserved)
 
@@ -347,63 +350,16 @@ class VhdImage:
             return "the trailing footer is missing or damaged; only the copy at offset 0 is valid"
         if not self.footer_copy_matches:
             return "the footer copy at offset 0 differs from the trailing footer"
-        return None
+        return self.write_hazards[0] if self.write_hazards else None
 
-    def reserve_block(self, block: int) -> Allocation:
-        """Reserve room for block ``block`` at the end of the file.
-
-        The block's data starts on a 4 KiB boundary past everything the file holds, so it never
-        reuses space that might hold stale bytes. The room stays reserved even if writing the
-        block fails (it is then leaked, never reused). Call ``commit_allocation`` once the BAT
-        entry is written.
-
-        Raises:
-            NoSpaceError: The block would start beyond what a 32-bit BAT entry can address.
-        """
-        data = -(-(self.next_free + self.bitmap_size) // 4096) * 4096
-        start = data - self.bitmap_size
-        entry = start // SECTOR
-        if entry >= UNALLOCATED:
-            raise NoSpaceError(
-                self.path,
-                f"no room for block {block}: it would start at sector {entry}, beyond the last "
-                "sector a BAT entry can address",
-            )
-        allocation = Allocation(
-            block=block,
-            entry=entry,
-            old_footer_end=self.file.size,
-            bitmap_offset=start,
-            data_offset=data,
-            end=data + self.block_size,
-        )
-        self.next_free = allocation.end
-        return allocation
-
-    def commit_allocation(self, allocation: Allocation) -> None:
-        """Account for a block whose BAT entry now points at it."""
-        self.data_end = max(self.data_end, allocation.end)
+    def commit_allocation(self, end: int) -> None:
+        """Account for a new block, ending at ``end``, that its BAT entry now points at."""
+        self.data_end = max(self.data_end, end)
         self.allocated_blocks += 1
 
     def close(self) -> None:
         """Close the host file."""
         self.file.close()
-
-
-@dataclass(frozen=True, slots=True)
-class Allocation:
-    """The placement of a new block (all offsets in bytes of the file)."""
-
-    block: int
-    #: The BAT entry: the sector of the block's bitmap.
-    entry: int
-    #: The old end of file: the old trailing footer ends here. Everything of the new block
-    #: from here on is a hole, so its unwritten sectors read as zeros.
-    old_footer_end: int
-    bitmap_offset: int
-    data_offset: int
-    #: End of the block, where the trailing footer moves.
-    end: int
 
 
 def _read_header(file: HostFile, location: FooterLocation) -> DynamicHeader:

@@ -1,4 +1,7 @@
-"""Logging set-up and the one-line error format shared by ``vhdfs`` and ``vhd``."""
+"""Logging set-up and the one-line error format shared by ``vhdfs``, ``vhd`` and the daemon.
+
+Every line goes through ``printable``: messages carry paths and locator text from images.
+"""
 
 from __future__ import annotations
 

@@ -12,21 +12,29 @@ differencing disk that is the parent's data: the "copy up" the bitmap's sector g
 requires).
 The raw file behaves like a block device: its size is fixed, a write starting at or past the
 end fails with ENOSPC and one crossing the end is cut short.
+
+``open_disk`` is the one way to build a disk: the daemon and the tests use it alike.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import trio
 
-from vhdfs.cache.block_cache import BlockCache
+from vhdfs.cache.block_cache import DEFAULT_CACHE_SIZE, BlockCache, DataRead
 from vhdfs.cache.lru import CacheStatistics
-from vhdfs.cache.writeback import WriteBack, WriteBackStatistics
-from vhdfs.errors import HostIOError, NoSpaceError, ReadOnlyError
+from vhdfs.disk.hostio import HostIO, IoMode
+from vhdfs.disk.writeback import (
+    DEFAULT_DIRTY_LIMIT,
+    DEFAULT_INTERVAL,
+    WriteBack,
+    WriteBackStatistics,
+)
+from vhdfs.errors import ImageError, NoSpaceError, ReadOnlyError
 from vhdfs.format.layout import SECTOR
-from vhdfs.hostio import HostIO
-from vhdfs.image.chain import ZEROS, Chain
+from vhdfs.image.chain import Chain
 
 _ZERO_BLOCK = bytes(1 << 20)
 _ZERO_VIEW = memoryview(_ZERO_BLOCK)
@@ -48,6 +56,20 @@ class DiskStatistics:
     bytes_written: int
     cache: CacheStatistics
     writeback: WriteBackStatistics | None
+
+
+@dataclass
+class DiskOptions:
+    """How to open a disk (the ``-o`` options that concern one image)."""
+
+    read_only: bool = False
+    #: ``rw`` was asked for explicitly: refuse rather than fall back to read-only.
+    explicit_rw: bool = False
+    cache_size: int = DEFAULT_CACHE_SIZE
+    #: Seconds written data may wait in memory; 0 writes through.
+    writeback: float = DEFAULT_INTERVAL
+    dirty_limit: int = DEFAULT_DIRTY_LIMIT
+    io_mode: IoMode = IoMode.INLINE
 
 
 class VirtualDisk:
@@ -73,6 +95,10 @@ class VirtualDisk:
         self.writeback = writeback
         self.size = chain.virtual_size
         self.read_only = writeback is None
+        #: Problems that did not stop the disk from opening, one line each, with the file.
+        self.warnings: list[str] = [
+            f"{layer.path}: {text}" for layer in chain.layers for text in layer.warnings
+        ]
         self._write_lock = trio.Lock()
         self._reads = 0
         self._bytes_read = 0
@@ -90,7 +116,7 @@ class VirtualDisk:
         self._reads += 1
         parts: list[Buffer] = []
         for _start, count, layer, host in plan:
-            if layer == ZEROS:
+            if layer is None:
                 parts.append(_ZERO_VIEW[:count] if count <= len(_ZERO_BLOCK) else bytes(count))
             else:
                 parts.append(await self._read_layer(layer, host, count))
@@ -105,25 +131,13 @@ class VirtualDisk:
         return b"".join(parts)
 
     async def _read_layer(self, layer: int, offset: int, length: int) -> Buffer:
-        data = self.cache.cached_data(layer, offset, length)
-        if data is not None:
-            return data
-        start, stop, cacheable = self.cache.chunk_span(layer, offset, length)
+        found = self.cache.lookup(layer, offset, length)
+        if not isinstance(found, DataRead):
+            return found
         file = self.chain.layers[layer].file
-        epoch = self.cache.data_epoch(layer)
-        raw = await self.hostio.read(file, start, stop - start)
+        raw = await self.hostio.read(file, found.start, found.stop - found.start)
         self._host_reads += 1
-        skip = offset - start
-        if len(raw) < skip + length:
-            raise HostIOError(
-                file.path,
-                f"file ended early: read at {offset} returned {len(raw) - skip} of {length} bytes",
-            )
-        if cacheable:
-            self.cache.store_data(layer, start, raw, epoch)
-        if skip == 0 and len(raw) == length:
-            return raw
-        return memoryview(raw)[skip : skip + length]
+        return self.cache.fill(found, raw)
 
     # -- writing -------------------------------------------------------------------------
 
@@ -188,3 +202,46 @@ class VirtualDisk:
         finally:
             self.hostio.close()
             self.chain.close()
+
+
+def open_disk(
+    path: str, options: DiskOptions | None = None, *, hostio: HostIO | None = None
+) -> VirtualDisk:
+    """Open the image at ``path`` (and its parents) as a disk.
+
+    Read-write unless ``options.read_only``. A default (implicit ``rw``) open falls back to
+    read-only, with a warning in ``disk.warnings``, for an image the user cannot write or one
+    that is unsafe to write; an explicit ``rw`` refuses instead. ``hostio`` replaces the
+    host I/O policy of ``options.io_mode`` (the race tests slow it down on purpose).
+
+    Raises:
+        VhdfsError: The image, its chain or its lock.
+    """
+    options = options or DiskOptions()
+    writable = not options.read_only
+    fallback: list[str] = []
+    if writable and not os.access(path, os.W_OK):
+        fallback.append(_cannot_write(path, options, "you cannot write to it"))
+        writable = False
+    chain = Chain.open(path, writable=writable)
+    if writable and (problem := chain.leaf.write_problem()) is not None:
+        chain.close()
+        fallback.append(_cannot_write(path, options, problem))
+        writable = False
+        chain = Chain.open(path, writable=False)
+    cache = BlockCache(chain, options.cache_size)
+    hostio = hostio or HostIO(options.io_mode)
+    writeback = None
+    if writable:
+        writeback = WriteBack(
+            chain, cache, hostio, interval=options.writeback, dirty_limit=options.dirty_limit
+        )
+    disk = VirtualDisk(chain, cache, hostio, writeback)
+    disk.warnings[:0] = fallback
+    return disk
+
+
+def _cannot_write(path: str, options: DiskOptions, reason: str) -> str:
+    if options.explicit_rw:
+        raise ImageError(path, f"cannot mount read-write: {reason} (mount it with -o ro)")
+    return f"{path}: {reason}; mounting it read-only"

@@ -1,0 +1,202 @@
+"""The life of a mount: open, mount, daemonize, serve, tear down.
+
+Everything that can fail is done before the mount exists and before the process forks: the
+mountpoint is checked, an overlay is created if asked, every image and parent is opened and
+validated. A failure there prints one line and exits non-zero with nothing mounted and no file
+changed: what was opened is closed, and an overlay created for this mount is removed, by one
+``ExitStack``. Once the kernel has the mount, ``serve`` owns the disks: it flushes and closes
+them when serving ends, and this module ends the FUSE session.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import stat
+from collections.abc import Iterator
+
+import pyfuse3
+import trio
+
+from vhdfs.daemon.daemonize import StartupPipe, detach
+from vhdfs.daemon.mounts import mount_of
+from vhdfs.daemon.options import MountOptions, escape_fuse_value
+from vhdfs.daemon.pidfile import check_pidfile, remove_pidfile, write_pidfile
+from vhdfs.daemon.serve import serve
+from vhdfs.disk.virtual import DiskOptions, VirtualDisk, open_disk
+from vhdfs.errors import (
+    ExitCode,
+    ImageBusyError,
+    MountError,
+    ParentIdMismatchError,
+    UsageError,
+    VhdfsError,
+)
+from vhdfs.fuse.operations import RawFile, VhdfsOperations
+from vhdfs.image.create import create_differencing
+from vhdfs.logs import log_to_syslog
+
+log = logging.getLogger(__name__)
+
+PROGRAM = "vhdfs"
+
+
+def raw_name(image: str) -> str:
+    """Name of an image's raw file: the file name without a .vhd/.avhd suffix, plus .raw."""
+    base = os.path.basename(image)
+    stem = re.sub(r"\.a?vhd$", "", base, flags=re.IGNORECASE) or base
+    return stem + ".raw"
+
+
+def mount(
+    images: list[str], mountpoint: str, options: MountOptions, *, foreground: bool, debug: bool
+) -> int:
+    """Mount ``images`` on ``mountpoint`` and serve them until unmounted; return the status.
+
+    Without ``foreground`` the calling process returns (exits) once the mount is ready, and a
+    daemon child serves it.
+
+    Raises:
+        VhdfsError: Anything that stops the mount before it exists.
+    """
+    single_file = _check_mountpoint(mountpoint, images)
+    if options.pidfile is not None:
+        options.pidfile = check_pidfile(options.pidfile)
+    with contextlib.ExitStack() as stack:
+        disks = _open_disks(images, options, stack)
+        files = [
+            RawFile(raw_name(image), disk, os.stat(disk.chain.leaf.path))
+            for image, disk in zip(images, disks, strict=True)
+        ]
+        ops = VhdfsOperations(files, single_file=single_file, root_stat=os.stat(mountpoint))
+        try:
+            pyfuse3.init(ops, mountpoint, _fuse_options(disks, options, debug))
+        except RuntimeError:
+            raise MountError(mountpoint, "FUSE refused the mount (see the message above)") from None
+        stack.pop_all()  # mounted: from here on ``serve`` owns the disks
+    # Only now: a command that fails prints its one error line and nothing else.
+    for warning in dict.fromkeys(w for disk in disks for w in disk.warnings):
+        log.warning("%s", warning)
+    pipe = None if foreground else detach(os.path.abspath(mountpoint))
+    return _serve(disks, pipe, options.pidfile)
+
+
+def _check_mountpoint(mountpoint: str, images: list[str]) -> bool:
+    """Validate the mountpoint; return True for a regular-file (single disk) mountpoint."""
+    try:
+        st = os.stat(mountpoint)
+    except OSError as exc:
+        raise MountError(mountpoint, f"cannot use as mountpoint: {exc.strerror}") from None
+    if stat.S_ISREG(st.st_mode):
+        if len(images) != 1:
+            raise UsageError(mountpoint, "a regular-file mountpoint serves exactly one image")
+        return True
+    if not stat.S_ISDIR(st.st_mode):
+        raise MountError(mountpoint, "mountpoint is neither a directory nor a regular file")
+    names = [raw_name(image) for image in images]
+    for name in set(names):
+        clashing = [image for image, n in zip(images, names, strict=True) if n == name]
+        if len(clashing) > 1:
+            raise UsageError(None, f"images {', '.join(clashing)} would all be served as {name}")
+    return False
+
+
+def _open_disks(
+    images: list[str], options: MountOptions, stack: contextlib.ExitStack
+) -> list[VirtualDisk]:
+    """Open every disk (the overlay's, with ``overlay=``); ``stack`` undoes it all."""
+    if options.overlay is None:
+        return [_open(os.path.abspath(image), options.disk, stack) for image in images]
+    overlay = _prepare_overlay(images, options, stack)
+    disk_options = DiskOptions(**{**vars(options.disk), "explicit_rw": True})
+    disk = _open(overlay, disk_options, stack)
+    image = os.path.abspath(images[0])
+    layers = disk.chain.layers
+    if len(layers) < 2 or not os.path.samestat(os.fstat(layers[1].file.fd), os.stat(image)):
+        parent = layers[1].path if len(layers) > 1 else "nothing"
+        raise ParentIdMismatchError(
+            layers[0].path, f"overlay is a child of {parent}, not of {image}"
+        )
+    return [disk]
+
+
+def _open(path: str, options: DiskOptions, stack: contextlib.ExitStack) -> VirtualDisk:
+    """Open one disk; if it is locked, say which vhdfs mount holds it when we can tell."""
+    try:
+        disk = open_disk(path, options)
+    except ImageBusyError as exc:
+        holder = mount_of(exc.path or path)
+        if holder is None:
+            raise
+        raise ImageBusyError(exc.path, f"in use by the vhdfs mount at {holder}") from None
+    stack.callback(disk.chain.close)
+    return disk
+
+
+def _prepare_overlay(images: list[str], options: MountOptions, stack: contextlib.ExitStack) -> str:
+    """The overlay of ``overlay=``, created if it does not exist.
+
+    A created overlay is removed again if the mount then fails.
+    """
+    if len(images) != 1:
+        raise UsageError(None, "overlay= takes exactly one IMAGE")
+    if options.disk.read_only:
+        raise UsageError(None, "overlay= mounts the overlay read-write; drop ro")
+    assert options.overlay is not None
+    overlay = os.path.abspath(options.overlay)
+    if not os.path.lexists(overlay):
+        create_differencing(overlay, os.path.abspath(images[0]))
+        stack.callback(os.unlink, overlay)
+        log.info("created overlay %s on %s", overlay, images[0])
+    return overlay
+
+
+def _fuse_options(disks: list[VirtualDisk], options: MountOptions, debug: bool) -> set[str]:
+    fuse = set(pyfuse3.default_options) | set(options.fuse_flags)
+    fuse.add("fsname=" + escape_fuse_value(options.fsname or disks[0].chain.leaf.path))
+    fuse.add("subtype=" + escape_fuse_value(options.subtype or PROGRAM))
+    if all(disk.read_only for disk in disks):
+        fuse.add("ro")
+    if debug:
+        fuse.add("debug")
+    return fuse
+
+
+@contextlib.contextmanager
+def _pidfile(path: str | None) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        if path is not None:
+            remove_pidfile(path)
+
+
+def _serve(disks: list[VirtualDisk], pipe: StartupPipe | None, pidfile: str | None) -> int:
+    """Serve until unmounted or signalled; end the FUSE session; return the exit status."""
+
+    def on_ready() -> None:
+        if pidfile is not None:
+            write_pidfile(pidfile)
+        if pipe is not None:
+            pipe.ready()
+            log_to_syslog(PROGRAM)
+
+    try:
+        with _pidfile(pidfile):
+            stopped_by_signal = trio.run(serve, disks, on_ready)
+    except VhdfsError as exc:
+        # The final write-out failed; serve has logged which disk. The mount is finished.
+        pyfuse3.close(unmount=True)
+        return exc.exit_code
+    except BaseException as exc:
+        if pipe is not None:
+            pipe.failed(f"the daemon failed during start-up: {exc!r}", ExitCode.FAILURE)
+        log.exception("the daemon failed")
+        # Do not unmount after an internal failure: a raw file that vanishes is worse for
+        # its users than one that answers ENOTCONN (auto_unmount is there for the opposite).
+        pyfuse3.close(unmount=False)
+        return ExitCode.FAILURE
+    pyfuse3.close(unmount=stopped_by_signal)
+    return ExitCode.OK
