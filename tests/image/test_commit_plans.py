@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 from vhdfs.format.bitmap import SectorBitmap, bitmap_bytes
 from vhdfs.format.layout import DATA_ALIGNMENT, FOOTER_SIZE, SECTOR, UNALLOCATED, DiskType
-from vhdfs.image.commit import (
+from vhdfs.image.commit import plan_flush
+from vhdfs.image.steps import (
     Commit,
     CrashPoint,
     PatchBatSector,
@@ -31,7 +32,6 @@ from vhdfs.image.commit import (
     WriteBitmap,
     WriteData,
     WriteFooter,
-    plan_flush,
 )
 
 BLOCKS = 6

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from vhdfs.format.layout import SECTOR
-from vhdfs.image.commit import Chunks
+from vhdfs.image.steps import Chunks
 
 PAGE = 4096
 _SECTORS_PER_PAGE = PAGE // SECTOR

@@ -8,15 +8,13 @@ Three policies, chosen with ``-o io=``:
   cache, and sends just the part that would block to a worker thread.
 * ``thread`` always hops to a worker thread.
 
-The default is measured, not assumed: on a 2-core virtual machine with a virtio disk, 4 KiB
-random reads with a cold page cache ran at 4.0-5.5k IOPS inline and 2.9-3.6k with ``auto``,
-with one reader and with four, because the disk did not serve reads in parallel and every hop
-costs. Storage that does (NVMe, network file systems) is where ``auto`` pays off.
+The default was chosen by measurement (docs/performance.md): on a virtio disk that does not
+serve reads in parallel, every hop to a thread costs more than it saves, with one reader and
+with four. Storage that does (NVMe, network file systems) is where ``auto`` pays off.
 
-Worker threads are our own rather than ``trio.to_thread``: measured here, a hop through
-``trio.to_thread.run_sync`` cost 130-160 µs, a hop to a resident thread that reports back with
-``TrioToken.run_sync_soon`` 40-65 µs. Threads start on first use, so never before the daemon
-forks.
+Worker threads are our own rather than ``trio.to_thread``: a hop to a resident thread that
+reports back with ``TrioToken.run_sync_soon`` measured a third of the cost of
+``trio.to_thread.run_sync``. Threads start on first use, so never before the daemon forks.
 """
 
 from __future__ import annotations

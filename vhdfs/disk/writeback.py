@@ -47,7 +47,8 @@ from vhdfs.disk.hostio import HostIO
 from vhdfs.errors import NoSpaceError, VhdfsError
 from vhdfs.format.layout import SECTOR
 from vhdfs.image.chain import Chain
-from vhdfs.image.commit import (
+from vhdfs.image.commit import plan_flush
+from vhdfs.image.steps import (
     Allocation,
     Commit,
     CrashPoint,
@@ -60,7 +61,6 @@ from vhdfs.image.commit import (
     WriteBitmap,
     WriteData,
     WriteFooter,
-    plan_flush,
 )
 from vhdfs.image.vhd import VhdImage
 

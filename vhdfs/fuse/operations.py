@@ -11,8 +11,8 @@ enforce them.
 
 There are deliberately no extended attributes: while a file system answers ``getxattr`` at
 all, the kernel asks it for ``security.capability`` before every single write (to clear
-set-uid bits). Leaving ``getxattr`` unimplemented (ENOSYS) makes it stop asking: random 4 KiB
-writes went from 5.5k to 9.6k IOPS.
+set-uid bits). Leaving ``getxattr`` unimplemented (ENOSYS) makes it stop asking, which
+docs/performance.md shows is worth much of the random-write rate.
 """
 
 from __future__ import annotations
