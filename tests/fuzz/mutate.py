@@ -86,7 +86,7 @@ class Layout:
     def __init__(self, raw: bytearray) -> None:
         self.raw = raw
         size = len(raw)
-        self.footer_at = size - (511 if size % SECTOR == 511 else SECTOR)
+        self.footer_at = max(0, size - (511 if size % SECTOR == 511 else SECTOR))
         footer = bytes(raw[self.footer_at : self.footer_at + SECTOR]).ljust(SECTOR, b"\0")
         self.dynamic = len(raw) >= 2048 and footer[60:64] in (b"\0\0\0\3", b"\0\0\0\4")
         self.header_at = struct.unpack_from(">Q", footer, 16)[0] if self.dynamic else 0

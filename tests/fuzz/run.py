@@ -75,9 +75,10 @@ def _place(exc: BaseException) -> str:
 def run_one(args: tuple[int, int]) -> tuple[int, str, str | None, list[str]]:
     """Exercise input ``number``; return its outcome, or the failure and its signature."""
     seed, number = args
-    files = make_input(_seeds, seed, number)
     folder = Path(tempfile.mkdtemp(prefix="vhdfs-fuzz-", dir=_scratch()))
+    files = Files({}, "", [f"input {number} could not be made"])
     try:
+        files = make_input(_seeds, seed, number)
         leaf = materialize(folder, files)
         signal.alarm(_timeout)
         try:
