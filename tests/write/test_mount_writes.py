@@ -15,6 +15,7 @@ import pytest
 from tests.support.files import sha256_file
 from tests.support.images import Layer, build_chain, pattern, run
 from tests.support.mounting import Mount, read_with_vhdimount, vhd_command, vhdfs_command
+from tests.support.notify import NotifySocket
 from tests.support.vhdwrite import rewrite_footers
 from vhdfs.image.create import create_differencing, create_dynamic, create_fixed
 
@@ -307,20 +308,38 @@ def test_failed_overlay_mount_removes_the_new_overlay(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_writes_out_dirty_data_before_exit(
+def test_signal_writes_out_dirty_data_and_keeps_a_busy_mount(
     sig: signal.Signals, tmp_path: Path, mount: Callable[..., Mount]
 ) -> None:
     image, model = _image(tmp_path, "dynamic")
-    m = mount([image], options=["writeback=3600"])
+    notify = NotifySocket(tmp_path / "notify")
+    m = mount([image], options=["writeback=3600"], env={"NOTIFY_SOCKET": notify.path})
     fd = os.open(m.raw(image.stem + ".raw"), os.O_WRONLY)
     data = pattern(11, 3 * MiB)
     os.pwrite(fd, data, 2 * MiB + 512)  # held in memory: no fsync, no close
     model[2 * MiB + 512 : 5 * MiB + 512] = data
     assert m.pid is not None
     os.kill(m.pid, sig)
+    notify.wait_for("STATUS", "not unmounted, serving on: *")
+    # Written out (qemu-img reads it from the image), and the open file still works.
+    assert _read_image(image) == bytes(model)
+    more = pattern(12, 8192)
+    os.pwrite(fd, more, 0)
+    model[:8192] = more
+    os.close(fd)
+    os.kill(m.pid, sig)
     assert m.wait_exited() == 0
-    with pytest.raises(OSError, match=r"Transport endpoint is not connected|No such device"):
-        os.close(fd)
+    notify.close()
     again = mount([image], options=["ro"])
     assert Path(again.raw(image.stem + ".raw")).read_bytes() == bytes(model)
     assert again.stop() == 0
+
+
+def _read_image(image: Path) -> bytes:
+    """The disk as qemu-img reads the image file, sharing it with the mount (-U)."""
+    target = image.with_suffix(".qemu.raw")
+    run(["qemu-img", "convert", "-U", "-f", "vpc", "-O", "raw", image, target])
+    try:
+        return target.read_bytes()
+    finally:
+        target.unlink()

@@ -6,11 +6,13 @@ This module only parses the command line; the mount's life is ``vhdfs.daemon.lif
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 from vhdfs import __version__
 from vhdfs.cache.block_cache import DEFAULT_CACHE_SIZE
+from vhdfs.daemon.control import unmount
 from vhdfs.daemon.lifecycle import PROGRAM, mount
 from vhdfs.daemon.options import parse_mount_options
 from vhdfs.errors import VhdfsError
@@ -84,14 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``vhdfs`` argument parser."""
     parser = argparse.ArgumentParser(
         prog=PROGRAM,
-        usage="%(prog)s [-o OPTIONS] [-f] [-d] IMAGE [IMAGE ...] MOUNTPOINT",
+        usage="%(prog)s [-o OPTIONS] [-f] [-d] IMAGE [IMAGE ...] MOUNTPOINT\n"
+        "       %(prog)s -u MOUNTPOINT",
         description=_DESCRIPTION,
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "paths",
-        nargs="+",
+        nargs="*",
         metavar="IMAGE [IMAGE ...] MOUNTPOINT",
         help="VHD images to serve (a differencing image brings its whole chain), then the "
         "directory or regular file to mount on",
@@ -113,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="debug logging, FUSE requests included; implies -f",
     )
+    parser.add_argument(
+        "-u",
+        "--unmount",
+        action="store_true",
+        help="unmount MOUNTPOINT and return once its daemon has written out, synced and "
+        "exited; refused, naming who holds it, while the mount is in use",
+    )
     parser.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -122,6 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)
     setup_logging(PROGRAM, debug=args.debug)
+    if args.unmount:
+        if len(args.paths) != 1 or args.options:
+            parser.error("-u takes exactly one MOUNTPOINT and no options")
+        return _unmount(args.paths[0])
     if len(args.paths) < 2:
         parser.error("need at least one IMAGE and a MOUNTPOINT")
     try:
@@ -136,6 +150,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VhdfsError as exc:
         error(PROGRAM, exc)
         return exc.exit_code
+
+
+def _unmount(mountpoint: str) -> int:
+    try:
+        result = unmount(os.path.abspath(mountpoint))
+    except VhdfsError as exc:
+        error(PROGRAM, exc)
+        return exc.exit_code
+    if result.message is not None:
+        error(PROGRAM, f"{mountpoint}: {result.message}")
+    return result.status
 
 
 if __name__ == "__main__":

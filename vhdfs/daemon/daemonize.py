@@ -3,8 +3,8 @@
 ``pyfuse3.init`` has already mounted the file system when ``detach`` runs. It forks before
 trio starts (trio must never be forked with threads running). The parent waits on a pipe:
 the child writes ``ready`` from inside the trio loop just before it starts serving. The parent
-then ``stat``s the mountpoint, which blocks until the child has answered the kernel's first
-requests, and exits 0, so the next shell command can use the mount. If the child reports an
+then reads the first sector of every raw file, which blocks until the child answers, and exits
+0, so the next shell command can use the raw files. If the child reports an
 error or dies first, the parent prints the error, unmounts and exits non-zero.
 """
 
@@ -42,7 +42,7 @@ class StartupPipe:
             self._fd = -1
 
 
-def detach(mountpoint: str) -> StartupPipe:
+def detach(mountpoint: str, raw_paths: list[str]) -> StartupPipe:
     """Fork; return in the child only. The parent exits with the start-up status."""
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -57,15 +57,20 @@ def detach(mountpoint: str) -> StartupPipe:
         chunks.append(chunk)
     os.close(read_end)
     status = b"".join(chunks).decode(errors="replace").strip()
-    code = _parent_outcome(status, mountpoint)
+    code = _parent_outcome(status, mountpoint, raw_paths)
     sys.stderr.flush()
     os._exit(code)
 
 
-def _parent_outcome(status: str, mountpoint: str) -> int:
+def _parent_outcome(status: str, mountpoint: str, raw_paths: list[str]) -> int:
     if status == "ready":
         try:
-            os.stat(mountpoint)
+            for path in raw_paths:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.pread(fd, 512, 0)
+                finally:
+                    os.close(fd)
         except OSError as exc:
             print(f"vhdfs: {mountpoint}: mount did not come up: {exc.strerror}", file=sys.stderr)
             pyfuse3.close(unmount=True)

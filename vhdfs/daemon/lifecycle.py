@@ -20,11 +20,12 @@ from collections.abc import Iterator
 import pyfuse3
 import trio
 
+from vhdfs.daemon.control import daemon_alive
 from vhdfs.daemon.daemonize import StartupPipe, detach
-from vhdfs.daemon.mounts import mount_of
+from vhdfs.daemon.mounts import FSTYPE, mount_of, top_mount_at
 from vhdfs.daemon.options import MountOptions, escape_fuse_value
 from vhdfs.daemon.pidfile import check_pidfile, remove_pidfile, write_pidfile
-from vhdfs.daemon.serve import serve
+from vhdfs.daemon.serve import ServeContext, serve
 from vhdfs.disk.virtual import DiskOptions, VirtualDisk, open_disk
 from vhdfs.errors import (
     ExitCode,
@@ -62,6 +63,9 @@ def mount(
         VhdfsError: Anything that stops the mount before it exists.
     """
     single_file = _check_mountpoint(mountpoint, images)
+    # Resolved now: once mounted, looking at the mountpoint would ask this very process,
+    # which does not serve yet.
+    where = os.path.realpath(mountpoint)
     if options.pidfile is not None:
         options.pidfile = check_pidfile(options.pidfile)
     with contextlib.ExitStack() as stack:
@@ -79,12 +83,31 @@ def mount(
     # Only now: a command that fails prints its one error line and nothing else.
     for warning in dict.fromkeys(w for disk in disks for w in disk.warnings):
         log.warning("%s", warning)
-    pipe = None if foreground else detach(os.path.abspath(mountpoint))
-    return _serve(disks, pipe, options.pidfile)
+    entry = top_mount_at(where, resolved=True)
+    context = ServeContext(
+        mountpoint=where,
+        device=entry.device if entry is not None else None,
+        raw_paths=[where] if single_file else [os.path.join(where, f.name) for f in files],
+    )
+    pipe = None if foreground else detach(where, context.raw_paths)
+    return _serve(disks, context, pipe, options.pidfile)
 
 
 def _check_mountpoint(mountpoint: str, images: list[str]) -> bool:
     """Validate the mountpoint; return True for a regular-file (single disk) mountpoint."""
+    entry = top_mount_at(mountpoint)
+    if entry is not None and entry.fstype == FSTYPE:
+        if daemon_alive(entry):
+            raise MountError(
+                mountpoint,
+                f"already holds a vhdfs mount of {entry.source}; unmount it first "
+                f"(vhdfs -u {entry.mountpoint})",
+            )
+        raise MountError(
+            mountpoint,
+            f"holds a dead vhdfs mount (its daemon is gone); remove it with "
+            f"fusermount3 -u {entry.mountpoint}",
+        )
     try:
         st = os.stat(mountpoint)
     except OSError as exc:
@@ -173,8 +196,10 @@ def _pidfile(path: str | None) -> Iterator[None]:
             remove_pidfile(path)
 
 
-def _serve(disks: list[VirtualDisk], pipe: StartupPipe | None, pidfile: str | None) -> int:
-    """Serve until unmounted or signalled; end the FUSE session; return the exit status."""
+def _serve(
+    disks: list[VirtualDisk], context: ServeContext, pipe: StartupPipe | None, pidfile: str | None
+) -> int:
+    """Serve until unmounted; end the FUSE session; return the exit status."""
 
     def on_ready() -> None:
         if pidfile is not None:
@@ -183,12 +208,13 @@ def _serve(disks: list[VirtualDisk], pipe: StartupPipe | None, pidfile: str | No
             pipe.ready()
             log_to_syslog(PROGRAM)
 
+    context.on_ready = on_ready
     try:
         with _pidfile(pidfile):
-            stopped_by_signal = trio.run(serve, disks, on_ready)
+            trio.run(serve, disks, context)
     except VhdfsError as exc:
-        # The final write-out failed; serve has logged which disk. The mount is finished.
-        pyfuse3.close(unmount=True)
+        # The final write-out failed; serve has logged which disk. The mount is gone.
+        pyfuse3.close(unmount=False)
         return exc.exit_code
     except BaseException as exc:
         if pipe is not None:
@@ -198,5 +224,5 @@ def _serve(disks: list[VirtualDisk], pipe: StartupPipe | None, pidfile: str | No
         # its users than one that answers ENOTCONN (auto_unmount is there for the opposite).
         pyfuse3.close(unmount=False)
         return ExitCode.FAILURE
-    pyfuse3.close(unmount=stopped_by_signal)
+    pyfuse3.close(unmount=False)  # serving ends when the mount is gone
     return ExitCode.OK

@@ -1,41 +1,83 @@
-"""Who has an image mounted: vhdfs mounts as the kernel lists them in /proc/self/mountinfo.
+r"""The mount table as the kernel shows it in /proc/self/mountinfo.
 
-Used to name the holder when an image is locked: a vhdfs mount carries the path of its first
-image (the overlay, with ``-o overlay=``) as ``fsname``, which mountinfo shows as the mount
-source. When ``-o fsname=`` replaced it, or the path had characters libfuse cannot carry (they
-become ``?``), the holder is not found and the error says only that the image is in use.
+Used to name the vhdfs mount that holds a locked image, to refuse mounting on top of another
+vhdfs mount, to find the mounts on top of ours (they keep it busy), and to learn the device
+number of a new mount, which names its control socket (``daemon.control``).
+
+A vhdfs mount carries the absolute path of its first image (the overlay, with ``overlay=``) as
+its source. The kernel shows space, tab, newline and backslash in these fields as octal
+escapes (``\040``); they are decoded here.
 """
 
 from __future__ import annotations
 
+import os
 import re
+from typing import NamedTuple
 
-_OCTAL = re.compile(r"\\([0-7]{3})")
+FSTYPE = "fuse.vhdfs"
+_OCTAL = re.compile(rb"\\([0-7]{3})")
 
 
 def _unescape(field: str) -> str:
-    return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field)
+    raw = _OCTAL.sub(lambda m: bytes([int(m.group(1), 8)]), os.fsencode(field))
+    return os.fsdecode(raw)
 
 
-def vhdfs_mounts() -> list[tuple[str, str]]:
-    """``(source, mountpoint)`` of every vhdfs mount visible to this process."""
-    found = []
+class MountEntry(NamedTuple):
+    """One line of mountinfo."""
+
+    #: ``major:minor`` of the mounted file system.
+    device: str
+    mountpoint: str
+    fstype: str
+    source: str
+
+
+def mount_table() -> list[MountEntry]:
+    """Every mount visible to this process, in mount order (later ones on top)."""
     try:
-        with open("/proc/self/mountinfo") as f:
-            lines = f.readlines()
+        with open("/proc/self/mountinfo", "rb") as f:
+            lines = f.read().decode("utf-8", "surrogateescape").splitlines()
     except OSError:
         return []
+    table = []
     for line in lines:
         before, _, after = line.partition(" - ")
-        fields, rest = before.split(), after.split()
-        if len(fields) >= 5 and len(rest) >= 2 and rest[0] == "fuse.vhdfs":
-            found.append((_unescape(rest[1]), _unescape(fields[4])))
-    return found
+        fields, rest = before.split(" "), after.split(" ")
+        if len(fields) >= 5 and len(rest) >= 2:
+            table.append(MountEntry(fields[2], _unescape(fields[4]), rest[0], _unescape(rest[1])))
+    return table
+
+
+def vhdfs_mounts() -> list[MountEntry]:
+    """Every vhdfs mount visible to this process."""
+    return [entry for entry in mount_table() if entry.fstype == FSTYPE]
 
 
 def mount_of(image: str) -> str | None:
     """The mountpoint of the vhdfs mount serving ``image``, if there is one."""
-    for source, mountpoint in vhdfs_mounts():
-        if source == image:
-            return mountpoint
+    for entry in vhdfs_mounts():
+        if entry.source == image:
+            return entry.mountpoint
     return None
+
+
+def top_mount_at(mountpoint: str, *, resolved: bool = False) -> MountEntry | None:
+    """The mount visible at ``mountpoint`` (the last one mounted there), if any.
+
+    ``resolved``: the path is already absolute and free of symlinks; it is then not looked
+    at (a FUSE daemon must never look at its own mountpoint before it serves).
+    """
+    target = mountpoint if resolved else os.path.realpath(mountpoint)
+    found = None
+    for entry in mount_table():
+        if entry.mountpoint == target:
+            found = entry
+    return found
+
+
+def mounts_below(mountpoint: str) -> list[str]:
+    """Mountpoints strictly below ``mountpoint``."""
+    prefix = mountpoint.rstrip("/") + "/"
+    return [entry.mountpoint for entry in mount_table() if entry.mountpoint.startswith(prefix)]

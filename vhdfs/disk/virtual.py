@@ -176,6 +176,11 @@ class VirtualDisk:
         self._bytes_written += len(view)
         return len(view)
 
+    def write_through(self) -> None:
+        """From now on, acknowledge a write only once it is in the image and synced."""
+        if self.writeback is not None:
+            self.writeback.interval = 0
+
     async def flush(self, *, durable: bool) -> None:
         """Write dirty data to the image; with ``durable``, also sync the image file."""
         if self.writeback is not None:
@@ -220,7 +225,7 @@ def open_disk(
     options = options or DiskOptions()
     writable = not options.read_only
     fallback: list[str] = []
-    if writable and not os.access(path, os.W_OK):
+    if writable and os.path.exists(path) and not os.access(path, os.W_OK):
         fallback.append(_cannot_write(path, options, "you cannot write to it"))
         writable = False
     chain = Chain.open(path, writable=writable)

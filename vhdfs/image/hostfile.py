@@ -3,15 +3,18 @@
 Every error names the file. Writes are positional (``pwrite``) so no shared seek offset exists;
 the file size is tracked here because allocation decisions depend on it.
 
-Locks are OFD locks (``F_OFD_SETLK``) on the whole file: they belong to the open file
-description, so unlike classic POSIX locks they are not dropped when some other descriptor of
-the same file in this process is closed, and they conflict both ways with the byte-range locks
-QEMU takes.
+Locks speak QEMU's protocol, so that vhdfs and QEMU (qemu-img, qemu-io, a VM) see each other:
+one-byte OFD read locks (``F_OFD_SETLK``) at 100+n for each permission held and at 200+n for
+each permission not shared. A writer holds consistent read, write and resize and shares
+neither write nor resize; a reader holds consistent read and shares neither. So readers
+coexist with readers, vhdfs's and QEMU's, and a writer is refused by anyone and refuses
+everyone, both ways. OFD locks belong to the open file description: unlike classic POSIX
+locks they are not dropped when some other descriptor of the same file in this process is
+closed.
 """
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import stat
@@ -21,6 +24,23 @@ from typing import Self
 from vhdfs.errors import HostIOError, ImageAccessError, ImageBusyError, TruncatedImageError
 
 _IOV_MAX = os.sysconf("SC_IOV_MAX")
+
+# QEMU's locking protocol (block/file-posix.c): permission n held -> a read lock on byte 100+n;
+# permission n not shared with others -> a read lock on byte 200+n. Conflicts are found by
+# testing for any lock on the opposite byte. Permissions: 0 consistent read, 1 write,
+# 2 write unchanged, 3 resize.
+_PERM_BASE = 100
+_SHARED_BASE = 200
+_CONSISTENT_READ, _WRITE, _RESIZE = 0, 1, 3
+#: (held, unshared) of a writer and of a reader, as QEMU's own writers and readers take them.
+_WRITER = ((_CONSISTENT_READ, _WRITE, _RESIZE), (_WRITE, _RESIZE))
+_READER = ((_CONSISTENT_READ,), (_WRITE, _RESIZE))
+_FLOCK = "hhqqi4x"
+
+
+def _flock(kind: int, byte: int) -> bytes:
+    return struct.pack(_FLOCK, kind, os.SEEK_SET, byte, 1, 0)
+
 
 _FILE_TYPES = {
     stat.S_IFDIR: "a directory",
@@ -37,6 +57,8 @@ def _check_type(path: str, st: os.stat_result) -> None:
 
 
 def _reason(exc: OSError | ValueError) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "no such file (it is missing)"
     if isinstance(exc, OSError):
         return exc.strerror or str(exc)
     return "the path contains a NUL byte"
@@ -179,22 +201,39 @@ class HostFile:
             raise HostIOError(self.path, f"fdatasync failed: {exc.strerror}", exc.errno) from exc
 
     def lock(self, *, exclusive: bool) -> None:
-        """Take a whole-file OFD lock without waiting.
+        """Take QEMU's locks for a writer (``exclusive``) or a reader, without waiting.
+
+        See the module docstring: the byte locks are taken first, then checked against what
+        others hold, as QEMU does; on a conflict all of them are dropped again.
 
         Raises:
-            ImageBusyError: Another open file description holds a conflicting lock.
+            ImageBusyError: Another program holds locks that conflict.
         """
-        kind = fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK
-        request = struct.pack("hhqqi4x", kind, os.SEEK_SET, 0, 0, 0)
+        held, unshared = _WRITER if exclusive else _READER
         try:
-            fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, request)
+            for byte in [_PERM_BASE + p for p in held] + [_SHARED_BASE + p for p in unshared]:
+                fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_RDLCK, byte))
+            tests = [_SHARED_BASE + p for p in held] + [_PERM_BASE + p for p in unshared]
+            conflict = any(self._locked_by_others(byte) for byte in tests)
         except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                mode = "writing" if exclusive else "reading"
-                raise ImageBusyError(
-                    self.path, f"cannot lock for {mode}: the image is in use by another program"
-                ) from exc
+            self._unlock()
             raise HostIOError(self.path, f"cannot lock: {exc.strerror}", exc.errno) from exc
+        if conflict:
+            self._unlock()
+            mode = "writing" if exclusive else "reading"
+            raise ImageBusyError(
+                self.path, f"cannot lock for {mode}: the image is in use by another program"
+            )
+
+    def _locked_by_others(self, byte: int) -> bool:
+        # OFD GETLK ignores this description's own locks.
+        answer = fcntl.fcntl(self.fd, fcntl.F_OFD_GETLK, _flock(fcntl.F_WRLCK, byte))
+        kind: int = struct.unpack(_FLOCK, answer)[0]
+        return kind != fcntl.F_UNLCK
+
+    def _unlock(self) -> None:
+        request = struct.pack(_FLOCK, fcntl.F_UNLCK, os.SEEK_SET, 0, 0, 0)
+        fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, request)
 
     def close(self) -> None:
         """Close the descriptor (idempotent); this also drops its locks."""

@@ -1,0 +1,157 @@
+"""Stopping never loses data: SIGTERM while a loop device and a guest ext4 use the raw file,
+``vhdfs -u``, and mounting over a live or dead vhdfs mount."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.support.images import run
+from tests.support.mounting import Mount, is_mounted, vhdfs_command, wait_pid
+from tests.support.notify import NotifySocket
+from vhdfs.image.create import create_dynamic
+
+pytestmark = pytest.mark.fuse
+
+MiB = 1 << 20
+
+
+def _vhdfs(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*vhdfs_command(), *map(str, args)], capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.root
+def test_sigterm_while_a_guest_file_system_is_mounted_loses_nothing(
+    tmp_path: Path, mount: Callable[..., Mount]
+) -> None:
+    image = tmp_path / "guest.vhd"
+    create_dynamic(str(image), 64 * MiB)
+    notify = NotifySocket(tmp_path / "notify")
+    m = mount([image], env={"NOTIFY_SOCKET": notify.path})
+    raw = m.raw("guest.raw")
+    guest = tmp_path / "guest"
+    guest.mkdir()
+    loop = run(["losetup", "--show", "-f", raw]).strip()
+    rng = random.Random(5)
+    before, after = rng.randbytes(3 * MiB), rng.randbytes(2 * MiB)
+    try:
+        run(["mkfs.ext4", "-q", loop])
+        run(["mount", loop, guest])
+        try:
+            (guest / "before").write_bytes(before)
+            os.sync()
+            assert m.pid is not None
+            os.kill(m.pid, signal.SIGTERM)
+            notify.wait_for("STOPPING", "1")
+            status = notify.wait_for("STATUS", "not unmounted, serving on: *")["STATUS"]
+            assert f"/dev/{Path(loop).name} is backed by {raw}" in status
+            assert is_mounted(m.mountpoint)
+            # The guest goes on writing, and it lands.
+            (guest / "after").write_bytes(after)
+            os.sync()
+            assert (guest / "before").read_bytes() == before
+        finally:
+            run(["umount", guest])
+    finally:
+        run(["losetup", "-d", loop])
+    assert m.pid is not None
+    os.kill(m.pid, signal.SIGTERM)
+    assert m.wait_exited() == 0
+    assert not is_mounted(m.mountpoint)
+    notify.close()
+
+    again = mount([image], options=["ro"])
+    loop = run(["losetup", "-r", "--show", "-f", again.raw("guest.raw")]).strip()
+    try:
+        run(["fsck.ext4", "-fn", loop])
+        run(["mount", "-o", "ro", loop, guest])
+        try:
+            assert (guest / "before").read_bytes() == before
+            assert (guest / "after").read_bytes() == after
+        finally:
+            run(["umount", guest])
+    finally:
+        run(["losetup", "-d", loop])
+    assert again.stop() == 0
+
+
+def test_unmount_waits_for_the_daemon_and_names_holders(
+    tmp_path: Path, mount: Callable[..., Mount]
+) -> None:
+    image = tmp_path / "d.vhd"
+    create_dynamic(str(image), 8 * MiB)
+    m = mount([image], options=["writeback=3600"])
+    raw = m.raw("d.raw")
+    fd = os.open(raw, os.O_RDWR)
+    data = random.Random(2).randbytes(MiB)
+    try:
+        os.pwrite(fd, data, MiB)  # held in memory: nothing forces it out
+        busy = _vhdfs("-u", m.mountpoint)
+        assert busy.returncode == 6
+        assert busy.stderr == (
+            f"vhdfs: {m.mountpoint}: in use, nothing unmounted: PID {os.getpid()} "
+            f"({Path(f'/proc/{os.getpid()}/comm').read_text().strip()}) has {raw} open\n"
+        )
+        assert is_mounted(m.mountpoint)
+    finally:
+        os.close(fd)
+    pid = m.pid
+    assert pid is not None
+    done = _vhdfs("-u", m.mountpoint)
+    assert (done.returncode, done.stderr) == (0, "")
+    # Returned only once the daemon had exited: its exit status is there to collect.
+    assert wait_pid(pid, 0) == 0
+    m.pid = None
+    assert not is_mounted(m.mountpoint)
+    again = mount([image], options=["ro"])
+    with open(again.raw("d.raw"), "rb") as f:
+        assert os.pread(f.fileno(), MiB, MiB) == data
+    assert again.stop() == 0
+
+
+def test_mounting_over_a_vhdfs_mount_is_refused(
+    tmp_path: Path, mount: Callable[..., Mount]
+) -> None:
+    image = tmp_path / "d.vhd"
+    create_dynamic(str(image), 8 * MiB)
+    m = mount([image], options=["ro"])
+    second = _vhdfs("-o", "ro", image, m.mountpoint)
+    assert (second.returncode, second.stderr) == (
+        5,
+        f"vhdfs: {m.mountpoint}: already holds a vhdfs mount of {image}; unmount it first "
+        f"(vhdfs -u {m.mountpoint})\n",
+    )
+    assert m.pid is not None
+    os.kill(m.pid, signal.SIGKILL)
+    assert m.wait_exited() == -signal.SIGKILL
+    dead = _vhdfs("-o", "ro", image, m.mountpoint)
+    hint = f"remove it with fusermount3 -u {m.mountpoint}"
+    assert (dead.returncode, dead.stderr) == (
+        5,
+        f"vhdfs: {m.mountpoint}: holds a dead vhdfs mount (its daemon is gone); {hint}\n",
+    )
+    unmount = _vhdfs("-u", m.mountpoint)
+    assert (unmount.returncode, unmount.stderr) == (
+        5,
+        f"vhdfs: {m.mountpoint}: its daemon is gone (the mount is dead); {hint}\n",
+    )
+    run(["fusermount3", "-u", m.mountpoint])
+
+
+def test_missing_image_says_it_is_missing(tmp_path: Path) -> None:
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    for options in ([], ["-o", "rw"]):
+        result = _vhdfs(*options, tmp_path / "missing.vhd", mountpoint)
+        assert (result.returncode, result.stderr) == (
+            3,
+            f"vhdfs: {tmp_path / 'missing.vhd'}: cannot open: no such file (it is missing)\n",
+        )

@@ -1,0 +1,138 @@
+"""Stopping a mount without losing data: write out, then a normal unmount, or keep serving.
+
+A stop request (SIGTERM, SIGINT, SIGHUP, or ``vhdfs -u`` through the control socket) first
+writes out and syncs every disk, then asks for a normal, non-lazy unmount (``fusermount3 -u``,
+run as a separate process so that the daemon keeps answering the kernel meanwhile). If the
+mount is in use — a program has a raw file open, a loop device is backed by one, a guest file
+system is mounted on top — the kernel refuses, and the daemon keeps serving: it names the
+holders once and switches every disk to write-through, so that whatever is written from then
+on is in the image and synced before it is acknowledged, and a later ``kill -9`` loses nothing.
+The next request tries again. Only ``kill -9`` or a lazy unmount can end a busy mount.
+
+A successful unmount ends the FUSE session; the serving loop then returns and the final
+write-out finds nothing left to do.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pyfuse3
+import trio
+
+from vhdfs.daemon.holders import holders
+from vhdfs.daemon.notify import Notifier
+from vhdfs.disk.virtual import VirtualDisk
+from vhdfs.errors import VhdfsError
+
+log = logging.getLogger(__name__)
+
+#: How much more time to ask systemd for, each time, while a write-out runs.
+_EXTEND_SECONDS = 30
+
+
+@dataclass(frozen=True, slots=True)
+class StopOutcome:
+    """What a stop request led to."""
+
+    #: The unmount was accepted: the daemon is ending.
+    stopping: bool
+    #: Refused because the mount is in use (else because the write-out failed).
+    busy: bool = False
+    #: Why not, when it was refused: the holders of a busy mount, or the error.
+    reasons: tuple[str, ...] = ()
+
+
+class Shutdown:
+    """The stop procedure of one mount.
+
+    Args:
+        disks: Every disk of the mount.
+        mountpoint: The absolute mountpoint, or ``None`` when it is unknown (a ``/dev/fd/N``
+            mount made by ``mount.fuse3``): the session is then ended without an unmount.
+        notifier: The service manager, told STOPPING=1 and how the stop went.
+    """
+
+    def __init__(
+        self, disks: Sequence[VirtualDisk], mountpoint: str | None, notifier: Notifier
+    ) -> None:
+        self.disks = disks
+        self.mountpoint = mountpoint
+        self.notifier = notifier
+        self.stopping = False
+        self._lock = trio.Lock()
+
+    async def request(self, reason: str) -> StopOutcome:
+        """Write everything out, then try to unmount. Never raises for a busy mount."""
+        async with self._lock:
+            if self.stopping:
+                return StopOutcome(True)
+            log.info("%s: writing out, then unmounting", reason)
+            self.notifier.send(STOPPING=1, STATUS=f"{reason}: writing out")
+            try:
+                await self.write_out()
+            except VhdfsError as exc:
+                log.error("could not write out before unmounting: %s", exc)
+                self.notifier.send(STATUS=f"write-out failed, serving on: {exc}")
+                return StopOutcome(False, False, (str(exc),))
+            if self.mountpoint is None:
+                self.stopping = True
+                pyfuse3.terminate()
+                return StopOutcome(True)
+            outcome = await self._unmount(self.mountpoint)
+            if outcome.stopping:
+                self.stopping = True
+                return outcome
+            for disk in self.disks:
+                disk.write_through()
+            why = "; ".join(outcome.reasons)
+            if outcome.busy:
+                log.warning("%s is in use, serving on (writing through): %s", self.mountpoint, why)
+            else:
+                log.error("%s could not be unmounted, serving on: %s", self.mountpoint, why)
+            self.notifier.send(STATUS=f"not unmounted, serving on: {why}")
+            return outcome
+
+    async def write_out(self) -> None:
+        """Write out and sync every disk, telling systemd to wait while it takes.
+
+        Raises:
+            VhdfsError: A disk could not be written out (all are tried).
+        """
+        failure: VhdfsError | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._keep_manager_waiting)
+            for disk in self.disks:
+                try:
+                    await disk.flush(durable=True)
+                except VhdfsError as exc:
+                    failure = failure or exc
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+
+    async def _keep_manager_waiting(self) -> None:
+        while True:
+            self.notifier.send(EXTEND_TIMEOUT_USEC=_EXTEND_SECONDS * 1_000_000)
+            await trio.sleep(_EXTEND_SECONDS / 3)
+
+    async def _unmount(self, mountpoint: str) -> StopOutcome:
+        """A normal (not lazy) unmount by ``fusermount3 -u``."""
+        try:
+            result = await trio.run_process(
+                ["fusermount3", "-u", mountpoint],
+                check=False,
+                capture_stdout=True,
+                capture_stderr=True,
+            )
+        except OSError as exc:
+            return StopOutcome(False, False, (f"cannot run fusermount3: {exc.strerror}",))
+        if result.returncode == 0:
+            return StopOutcome(True)
+        message = result.stderr.decode(errors="replace").strip()
+        if "busy" in message:
+            named = holders(mountpoint) or ["a holder not visible to this user"]
+            return StopOutcome(False, True, tuple(named))
+        return StopOutcome(False, False, (message or f"fusermount3 exited {result.returncode}",))
