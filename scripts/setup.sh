@@ -25,3 +25,11 @@ if [ ! -x .venv/bin/python ]; then
     /usr/bin/python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]" >&2
+
+# On root's standard PATH: mount.fuse3 (mount, fstab, systemd .mount units) starts `vhdfs` with
+# a fixed PATH, and the systemd unit calls /usr/local/bin/vhdfs.
+if [ "$(id -u)" = 0 ]; then
+    for program in vhdfs vhd; do
+        ln -sfn "$PWD/.venv/bin/$program" "/usr/local/bin/$program"
+    done
+fi

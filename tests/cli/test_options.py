@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from vhdfs.daemon.options import (
     PASS_THROUGH_FLAGS,
+    FuseBytes,
     escape_fuse_value,
     parse_mount_options,
+    split_options,
 )
 from vhdfs.disk.hostio import IoMode
 from vhdfs.errors import UsageError
+from vhdfs.fuse.operations import Ownership
 
 
 def test_defaults_are_read_write_with_write_back() -> None:
@@ -63,6 +68,17 @@ def test_refusals(text: str, message: str) -> None:
     assert str(caught.value) == message
 
 
-def test_fuse_value_escaping() -> None:
-    assert escape_fuse_value("/srv/a,b\\c.vhd") == "/srv/a\\,b\\\\c.vhd"
-    assert escape_fuse_value("/srv/Kind-ü.vhd") == "/srv/Kind-?.vhd"
+def test_fuse_value_escaping_and_splitting() -> None:
+    escaped = escape_fuse_value("/srv/a,b\\c.vhd")
+    assert escaped == "/srv/a\\,b\\\\c.vhd"
+    assert split_options(f"ro,fsname={escaped},x-a") == ["ro", "fsname=/srv/a,b\\c.vhd", "x-a"]
+    assert FuseBytes("fsname=/srv/Kind-ü.vhd").encode("us-ascii") == os.fsencode(
+        "fsname=/srv/Kind-ü.vhd"
+    )
+
+
+def test_fstab_words_are_dropped_and_ownership_parsed() -> None:
+    words = "defaults,async,lazytime,dirsync,silent,loud,group,owner,nosymfollow,comment=x"
+    options = parse_mount_options([words + ",uid=0,gid=root,umask=027,helper=udisks"])
+    assert options.fuse_flags == []
+    assert options.ownership == Ownership(uid=0, gid=0, umask=0o027)

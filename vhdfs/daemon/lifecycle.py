@@ -23,7 +23,7 @@ import trio
 from vhdfs.daemon.control import daemon_alive
 from vhdfs.daemon.daemonize import StartupPipe, detach
 from vhdfs.daemon.mounts import FSTYPE, mount_of, top_mount_at
-from vhdfs.daemon.options import MountOptions, escape_fuse_value
+from vhdfs.daemon.options import FuseBytes, MountOptions, escape_fuse_value
 from vhdfs.daemon.pidfile import check_pidfile, remove_pidfile, write_pidfile
 from vhdfs.daemon.serve import ServeContext, serve
 from vhdfs.disk.virtual import DiskOptions, VirtualDisk, open_disk
@@ -62,7 +62,10 @@ def mount(
     Raises:
         VhdfsError: Anything that stops the mount before it exists.
     """
-    single_file = _check_mountpoint(mountpoint, images)
+    handed_over = _FUSE_FD.fullmatch(mountpoint) is not None
+    single_file = (
+        _check_fuse_fd(mountpoint) if handed_over else _check_mountpoint(mountpoint, images)
+    )
     # Resolved now: once mounted, looking at the mountpoint would ask this very process,
     # which does not serve yet.
     where = os.path.realpath(mountpoint)
@@ -74,7 +77,12 @@ def mount(
             RawFile(raw_name(image), disk, os.stat(disk.chain.leaf.path))
             for image, disk in zip(images, disks, strict=True)
         ]
-        ops = VhdfsOperations(files, single_file=single_file, root_stat=os.stat(mountpoint))
+        ops = VhdfsOperations(
+            files,
+            single_file=single_file,
+            root_stat=os.stat(mountpoint),
+            ownership=options.ownership,
+        )
         try:
             pyfuse3.init(ops, mountpoint, _fuse_options(disks, options, debug))
         except RuntimeError:
@@ -83,14 +91,34 @@ def mount(
     # Only now: a command that fails prints its one error line and nothing else.
     for warning in dict.fromkeys(w for disk in disks for w in disk.warnings):
         log.warning("%s", warning)
-    entry = top_mount_at(where, resolved=True)
-    context = ServeContext(
-        mountpoint=where,
-        device=entry.device if entry is not None else None,
-        raw_paths=[where] if single_file else [os.path.join(where, f.name) for f in files],
-    )
-    pipe = None if foreground else detach(where, context.raw_paths)
+    if handed_over:
+        # mount.fuse3 made the mount and keeps its place to itself: the session ends on a
+        # signal without an unmount, and there is no control socket.
+        context = ServeContext()
+    else:
+        entry = top_mount_at(where, resolved=True)
+        context = ServeContext(
+            mountpoint=where,
+            device=entry.device if entry is not None else None,
+            raw_paths=[where] if single_file else [os.path.join(where, f.name) for f in files],
+        )
+    pipe = None if foreground else detach(mountpoint, context.raw_paths)
     return _serve(disks, context, pipe, options.pidfile)
+
+
+#: ``mount.fuse3 -o drop_privileges`` mounts itself and hands over the FUSE device.
+_FUSE_FD = re.compile(r"/dev/fd/\d+")
+
+
+def _check_fuse_fd(mountpoint: str) -> bool:
+    """Accept a ``/dev/fd/N`` handed over by mount.fuse3; the root is then a directory."""
+    try:
+        st = os.stat(mountpoint)
+    except OSError as exc:
+        raise MountError(mountpoint, f"cannot use the FUSE device: {exc.strerror}") from None
+    if not stat.S_ISCHR(st.st_mode):
+        raise MountError(mountpoint, "not an open FUSE device (drop_privileges hands one over)")
+    return False
 
 
 def _check_mountpoint(mountpoint: str, images: list[str]) -> bool:
@@ -178,8 +206,11 @@ def _prepare_overlay(images: list[str], options: MountOptions, stack: contextlib
 
 def _fuse_options(disks: list[VirtualDisk], options: MountOptions, debug: bool) -> set[str]:
     fuse = set(pyfuse3.default_options) | set(options.fuse_flags)
-    fuse.add("fsname=" + escape_fuse_value(options.fsname or disks[0].chain.leaf.path))
-    fuse.add("subtype=" + escape_fuse_value(options.subtype or PROGRAM))
+    # The image's canonical path, as mount(8) and umount(8) compare sources: then `umount
+    # IMAGE` finds the mount and `mount -a` sees it is there. Non-ASCII paths pass as bytes.
+    fsname = options.fsname or os.path.realpath(disks[0].chain.leaf.path)
+    fuse.add(FuseBytes("fsname=" + escape_fuse_value(fsname)))
+    fuse.add(FuseBytes("subtype=" + escape_fuse_value(options.subtype or PROGRAM)))
     if all(disk.read_only for disk in disks):
         fuse.add("ro")
     if debug:

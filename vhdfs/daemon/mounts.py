@@ -57,8 +57,9 @@ def vhdfs_mounts() -> list[MountEntry]:
 
 def mount_of(image: str) -> str | None:
     """The mountpoint of the vhdfs mount serving ``image``, if there is one."""
+    source = os.path.realpath(image)  # what the mount carries as its source (fsname)
     for entry in vhdfs_mounts():
-        if entry.source == image:
+        if entry.source == source:
             return entry.mountpoint
     return None
 

@@ -7,12 +7,16 @@ kernel handshake (``max_read=``), so only the set below is ever passed on.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import grp
+import os
+import pwd
+from dataclasses import dataclass, field, replace
 
 from vhdfs.cache.block_cache import MIN_CACHE_SIZE
 from vhdfs.disk.hostio import IoMode
 from vhdfs.disk.virtual import DiskOptions
 from vhdfs.errors import UsageError
+from vhdfs.fuse.operations import Ownership
 from vhdfs.units import format_size, parse_size
 
 #: Smallest ``dirty_limit``: one maximal FUSE write must fit.
@@ -35,27 +39,49 @@ PASS_THROUGH_FLAGS = frozenset(
         "noatime",
     }
 )
-#: Words mount(8) and fstab use that mean nothing here; the access-time variants libfuse
-#: refuses are accepted too (a raw disk file keeps no access times anyway).
+#: Words mount(8), mount.fuse3 and fstab may hand over that mean nothing for a raw disk file,
+#: accepted and dropped: access-time and directory variants (there are no directories to
+#: write and no access times to keep), user-space mount words, and mount(8)'s own flags.
 IGNORED_FLAGS = frozenset(
     {
         "defaults",
+        "async",
         "auto",
         "noauto",
         "user",
-        "users",
         "nouser",
+        "users",
+        "nousers",
         "owner",
+        "noowner",
+        "group",
+        "nogroup",
         "_netdev",
         "nofail",
         "relatime",
         "norelatime",
         "strictatime",
         "nostrictatime",
+        "lazytime",
+        "nolazytime",
         "diratime",
         "nodiratime",
+        "dirsync",
+        "iversion",
+        "noiversion",
+        "mand",
+        "nomand",
+        "symfollow",
+        "nosymfollow",
+        "silent",
+        "loud",
+        "seclabel",
     }
 )
+#: Keys whose values mean nothing here (``comment=``, mount(8)'s helpers, the fstab ``user=``).
+IGNORED_KEYS = frozenset({"comment", "helper", "uhelper", "user"})
+#: Security-label keys libfuse hands to the kernel.
+PASS_THROUGH_KEYS = frozenset({"context", "fscontext", "defcontext", "rootcontext"})
 
 
 @dataclass
@@ -63,11 +89,33 @@ class MountOptions:
     """What the ``-o`` options asked for: how to open each disk, and how to mount."""
 
     disk: DiskOptions = field(default_factory=DiskOptions)
+    ownership: Ownership = field(default_factory=Ownership)
     overlay: str | None = None
     pidfile: str | None = None
     fsname: str | None = None
     subtype: str | None = None
     fuse_flags: list[str] = field(default_factory=list)
+
+
+def split_options(text: str) -> list[str]:
+    r"""Split one ``-o`` argument at commas, as libfuse does.
+
+    A backslash escapes the next character, so ``fsname=a\,b`` is one option.
+    """
+    items, current, escaped = [], [], False
+    for char in text:
+        if escaped:
+            current.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ",":
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    items.append("".join(current))
+    return [item.strip() for item in items if item.strip()]
 
 
 def parse_mount_options(groups: list[str]) -> MountOptions:
@@ -78,16 +126,14 @@ def parse_mount_options(groups: list[str]) -> MountOptions:
     """
     options = MountOptions()
     for group in groups:
-        for item in group.split(","):
-            item = item.strip()
-            if item:
-                _apply(options, item)
+        for item in split_options(group):
+            _apply(options, item)
     return options
 
 
 def _apply(options: MountOptions, item: str) -> None:
     key, has_value, value = item.partition("=")
-    if key.startswith("x-") or key == "comment" or key in IGNORED_FLAGS:
+    if key.lower().startswith("x-") or key in IGNORED_FLAGS or key in IGNORED_KEYS:
         return
     if has_value:
         _apply_value(options, key, value)
@@ -133,12 +179,35 @@ def _apply_value(options: MountOptions, key: str, value: str) -> None:
         except ValueError:
             choices = ", ".join(m.value for m in IoMode)
             raise UsageError(None, f"io={value}: expected one of {choices}") from None
+    elif key in ("uid", "gid", "umask"):
+        options.ownership = replace(options.ownership, **{key: _id_value(key, value)})
     elif key == "fsname":
         options.fsname = value
     elif key == "subtype":
         options.subtype = value
+    elif key in PASS_THROUGH_KEYS:
+        options.fuse_flags.append(f"{key}={value}")
     else:
         raise UsageError(None, f"unknown mount option '{key}={value}' (see vhdfs --help)")
+
+
+def _id_value(key: str, value: str) -> int:
+    """A uid (number or user name), gid (number or group name) or octal umask."""
+    if key == "umask":
+        try:
+            mask = int(value, 8)
+        except ValueError:
+            mask = -1
+        if not 0 <= mask <= 0o777:
+            raise UsageError(None, f"umask={value}: expected an octal mask from 000 to 777")
+        return mask
+    if value.isdigit():
+        return int(value)
+    try:
+        return pwd.getpwnam(value).pw_uid if key == "uid" else grp.getgrnam(value).gr_gid
+    except KeyError:
+        what = "user" if key == "uid" else "group"
+        raise UsageError(None, f"{key}={value}: no such {what}") from None
 
 
 def _size_value(key: str, value: str, minimum: int) -> int:
@@ -151,19 +220,21 @@ def _size_value(key: str, value: str, minimum: int) -> int:
     return size
 
 
-def escape_fuse_value(text: str) -> str:
-    """Escape a value for libfuse's option parser, which splits on commas.
+class FuseBytes(str):
+    """An option string that reaches libfuse as file-system bytes.
 
-    A backslash escapes the next character. Non-ASCII characters cannot be passed at all
-    (pyfuse3 encodes options as ASCII), so they become ``?``; the value is only informational
-    (the ``fsname`` shown in /proc/mounts).
+    pyfuse3 encodes every option with ``str.encode("us-ascii")``, so a path with non-ASCII
+    characters (an image named ``Kind-ü.vhd``) could not become the ``fsname``; this string
+    encodes itself as the file system's bytes instead, whatever encoding is asked for.
     """
-    out = []
-    for char in text:
-        if char in ",\\":
-            out.append("\\" + char)
-        elif ord(char) < 32 or ord(char) > 126:
-            out.append("?")
-        else:
-            out.append(char)
-    return "".join(out)
+
+    __slots__ = ()
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        """The bytes of the path this string holds (``os.fsencode``)."""
+        return os.fsencode(str(self))
+
+
+def escape_fuse_value(text: str) -> str:
+    r"""Escape a value for libfuse's option parser: a backslash before ``\`` and ``,``."""
+    return text.replace("\\", "\\\\").replace(",", "\\,")

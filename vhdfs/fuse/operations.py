@@ -34,6 +34,18 @@ _TIMEOUT = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
+class Ownership:
+    """What ``-o uid=,gid=,umask=`` asked the raw files and the root to show.
+
+    They replace the image file's own owner, group and permission bits; ``None`` keeps them.
+    """
+
+    uid: int | None = None
+    gid: int | None = None
+    umask: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class RawFile:
     """One raw disk file of the mount."""
 
@@ -54,9 +66,15 @@ class VhdfsOperations(pyfuse3.Operations):
     enable_writeback_cache = False
 
     def __init__(
-        self, files: Sequence[RawFile], *, single_file: bool, root_stat: os.stat_result
+        self,
+        files: Sequence[RawFile],
+        *,
+        single_file: bool,
+        root_stat: os.stat_result,
+        ownership: Ownership = Ownership(),
     ) -> None:
         super().__init__()
+        self.ownership = ownership
         if single_file and len(files) != 1:
             raise ValueError("a single-file mount serves exactly one image")
         self.single_file = single_file
@@ -79,23 +97,26 @@ class VhdfsOperations(pyfuse3.Operations):
         attr.entry_timeout = _TIMEOUT
         attr.attr_timeout = _TIMEOUT
         attr.st_blksize = 4096
+        owner = self.ownership
         if inode == pyfuse3.ROOT_INODE and not self.single_file:
             source = self.root_stat
-            attr.st_mode = stat.S_IFDIR | 0o755
+            mode = 0o755 if owner.umask is None else 0o777 & ~owner.umask
+            attr.st_mode = stat.S_IFDIR | mode
             attr.st_nlink = 2
             attr.st_size = 0
         else:
             raw = self._file(inode)
             source = raw.image
-            mode = stat.S_IMODE(source.st_mode) & 0o666
+            mode = stat.S_IMODE(source.st_mode) if owner.umask is None else 0o666 & ~owner.umask
+            mode &= 0o666
             if raw.disk.read_only:
                 mode &= ~0o222
             attr.st_mode = stat.S_IFREG | mode
             attr.st_nlink = 1
             attr.st_size = raw.disk.size
             attr.st_blocks = raw.disk.size // 512
-        attr.st_uid = source.st_uid
-        attr.st_gid = source.st_gid
+        attr.st_uid = source.st_uid if owner.uid is None else owner.uid
+        attr.st_gid = source.st_gid if owner.gid is None else owner.gid
         attr.st_atime_ns = source.st_atime_ns
         attr.st_mtime_ns = source.st_mtime_ns
         attr.st_ctime_ns = source.st_ctime_ns
