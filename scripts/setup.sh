@@ -5,7 +5,7 @@ set -eu
 cd "$(dirname "$0")/.."
 
 PACKAGES="fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv qemu-utils
-libvhdi-utils e2fsprogs fdisk util-linux mount xz-utils fio"
+libvhdi-utils e2fsprogs dosfstools mtools fdisk util-linux mount xz-utils fio systemd"
 [ -n "${VHDFS_EXTRA_PACKAGES:-}" ] && PACKAGES="$PACKAGES $VHDFS_EXTRA_PACKAGES"
 
 missing=""

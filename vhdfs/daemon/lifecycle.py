@@ -26,6 +26,7 @@ from vhdfs.daemon.mounts import FSTYPE, mount_of, top_mount_at
 from vhdfs.daemon.options import FuseBytes, MountOptions, escape_fuse_value
 from vhdfs.daemon.pidfile import check_pidfile, remove_pidfile, write_pidfile
 from vhdfs.daemon.serve import ServeContext, serve
+from vhdfs.disk.partitions import PartitionTable
 from vhdfs.disk.virtual import DiskOptions, VirtualDisk, open_disk
 from vhdfs.errors import (
     ExitCode,
@@ -63,9 +64,10 @@ def mount(
         VhdfsError: Anything that stops the mount before it exists.
     """
     handed_over = _FUSE_FD.fullmatch(mountpoint) is not None
-    single_file = (
-        _check_fuse_fd(mountpoint) if handed_over else _check_mountpoint(mountpoint, images)
-    )
+    if handed_over:
+        single_file = _check_fuse_fd(mountpoint)
+    else:
+        single_file = _check_mountpoint(mountpoint, images, options.partitions)
     # Resolved now: once mounted, looking at the mountpoint would ask this very process,
     # which does not serve yet.
     where = os.path.realpath(mountpoint)
@@ -74,7 +76,12 @@ def mount(
     with contextlib.ExitStack() as stack:
         disks = _open_disks(images, options, stack)
         files = [
-            RawFile(raw_name(image), disk, os.stat(disk.chain.leaf.path))
+            RawFile(
+                raw_name(image),
+                disk,
+                os.stat(disk.chain.leaf.path),
+                PartitionTable(disk) if options.partitions else None,
+            )
             for image, disk in zip(images, disks, strict=True)
         ]
         ops = VhdfsOperations(
@@ -121,7 +128,7 @@ def _check_fuse_fd(mountpoint: str) -> bool:
     return False
 
 
-def _check_mountpoint(mountpoint: str, images: list[str]) -> bool:
+def _check_mountpoint(mountpoint: str, images: list[str], partitions: bool) -> bool:
     """Validate the mountpoint; return True for a regular-file (single disk) mountpoint."""
     entry = top_mount_at(mountpoint)
     if entry is not None and entry.fstype == FSTYPE:
@@ -143,6 +150,8 @@ def _check_mountpoint(mountpoint: str, images: list[str]) -> bool:
     if stat.S_ISREG(st.st_mode):
         if len(images) != 1:
             raise UsageError(mountpoint, "a regular-file mountpoint serves exactly one image")
+        if partitions:
+            raise UsageError(mountpoint, "partitions needs a directory mountpoint")
         return True
     if not stat.S_ISDIR(st.st_mode):
         raise MountError(mountpoint, "mountpoint is neither a directory nor a regular file")

@@ -92,6 +92,8 @@ class MountOptions:
     ownership: Ownership = field(default_factory=Ownership)
     overlay: str | None = None
     pidfile: str | None = None
+    #: ``partitions``: a file per partition beside each raw file.
+    partitions: bool = False
     fsname: str | None = None
     subtype: str | None = None
     fuse_flags: list[str] = field(default_factory=list)
@@ -145,6 +147,8 @@ def _apply(options: MountOptions, item: str) -> None:
         options.disk.explicit_rw = True
     elif key == "sync":
         options.disk.writeback = 0.0
+    elif key == "partitions":
+        options.partitions = True
     elif key in PASS_THROUGH_FLAGS:
         if key not in options.fuse_flags:
             options.fuse_flags.append(key)

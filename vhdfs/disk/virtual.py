@@ -176,6 +176,11 @@ class VirtualDisk:
         self._bytes_written += len(view)
         return len(view)
 
+    @property
+    def write_generation(self) -> int:
+        """A number that changes whenever the disk is written (for views derived from it)."""
+        return self._writes
+
     def write_through(self) -> None:
         """From now on, acknowledge a write only once it is in the image and synced."""
         if self.writeback is not None:
