@@ -5,7 +5,8 @@ set -eu
 cd "$(dirname "$0")/.."
 
 PACKAGES="fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv qemu-utils
-libvhdi-utils e2fsprogs dosfstools mtools fdisk util-linux mount xz-utils fio systemd"
+libvhdi-utils e2fsprogs dosfstools mtools fdisk util-linux mount xz-utils fio systemd
+man-db bash-completion"
 [ -n "${VHDFS_EXTRA_PACKAGES:-}" ] && PACKAGES="$PACKAGES $VHDFS_EXTRA_PACKAGES"
 
 missing=""
@@ -32,4 +33,10 @@ if [ "$(id -u)" = 0 ]; then
     for program in vhdfs vhd; do
         ln -sfn "$PWD/.venv/bin/$program" "/usr/local/bin/$program"
     done
+fi
+
+# Manual pages and bash completion, where man(1) and bash-completion look for local additions.
+if [ "$(id -u)" = 0 ]; then
+    install -D -m 644 -t /usr/local/share/man/man1 data/man/vhdfs.1 data/man/vhd.1
+    install -D -m 644 data/bash-completion/vhd /usr/local/share/bash-completion/completions/vhd
 fi

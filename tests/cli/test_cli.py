@@ -158,3 +158,40 @@ def test_info_of_damaged_image(tmp_path: Path) -> None:
     assert result.returncode == 3
     assert result.stderr == f"vhd: {image}: not a VHD image: no 'conectix' cookie in the footer\n"
     assert result.stdout == ""
+
+
+def test_json_is_always_json(tmp_path: Path) -> None:
+    noise, qcow2 = tmp_path / "noise.vhd", tmp_path / "disk.qcow2"
+    noise.write_bytes(b"\x01" * 4096)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", qcow2, "1M"], check=True)
+    for image, code, status in ((noise, "not-a-vhd", 3), (qcow2, "other-format", 3)):
+        result = vhd("info", "--json", image)
+        assert (result.returncode, result.stderr) == (status, "")
+        report = json.loads(result.stdout)
+        assert report["version"] == 1
+        assert (report["complete"], report["exit_code"], report["layers"]) == (False, status, [])
+        assert report["error"]["code"] == code
+        assert report["error"]["path"] == str(image)
+    assert "qemu-img convert -f qcow2 -O vpc" in report["error"]["message"]
+    base, child = tmp_path / "base.vhd", tmp_path / "child.vhd"
+    vhd("create", base, "8M")
+    vhd("create", "-p", base, child)
+    base.unlink()
+    broken = json.loads(vhd("info", "--json", child).stdout)
+    assert (broken["version"], broken["complete"], broken["exit_code"]) == (1, False, 4)
+    assert broken["error"]["code"] == "parent-not-found"
+    checked = json.loads(vhd("check", "--json", child).stdout)
+    assert checked["version"] == 1
+    assert [(f["severity"], f["code"]) for f in checked["findings"]] == [
+        ("error", "parent-not-found")
+    ]
+
+
+def test_closed_pipe_is_not_an_error(tmp_path: Path) -> None:
+    image = tmp_path / "disk.vhd"
+    vhd("create", image, "8M")
+    shell = f"{' '.join(vhd_command())} info --json {image} | true; echo ${{PIPESTATUS[0]}}"
+    result = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in result.stderr
+    assert result.stderr == ""
+    assert result.stdout.strip() in ("0", "141")  # done before the pipe closed, or SIGPIPE

@@ -19,6 +19,7 @@ from vhdfs.errors import (
     CorruptMetadataError,
     FormatError,
     NotAVhdError,
+    OtherFormatError,
     ParentIdMismatchError,
     ParentNotFoundError,
     TruncatedImageError,
@@ -75,10 +76,27 @@ def test_tiny_file(tmp_path: Path) -> None:
     assert _refused(path, NotAVhdError) == "not a VHD image: the file is only 8 bytes"
 
 
-def test_vhdx_is_named(tmp_path: Path) -> None:
-    path = tmp_path / "disk.vhdx"
-    path.write_bytes(b"vhdxfile" + bytes(1 << 16))
-    assert _refused(path, UnsupportedImageError) == "this is a VHDX image; only VHD is supported"
+@pytest.mark.parametrize(
+    ("head", "name", "fmt"),
+    [
+        (b"vhdxfile", "VHDX", "vhdx"),
+        (b"QFI\xfb\0\0\0\3", "qcow2", "qcow2"),
+        (b"KDMV\1\0\0\0", "VMDK", "vmdk"),
+        (b"# Disk DescriptorFile\nversion=1\n", "VMDK descriptor", "vmdk"),
+        (
+            b"<<< Oracle VM VirtualBox Disk Image >>>\n".ljust(64, b"\0") + b"\x7f\x10\xda\xbe",
+            "VDI (VirtualBox)",
+            "vdi",
+        ),
+    ],
+)
+def test_other_formats_are_named(tmp_path: Path, head: bytes, name: str, fmt: str) -> None:
+    path = tmp_path / "disk.img"
+    path.write_bytes(head + bytes(1 << 16))
+    assert _refused(path, OtherFormatError) == (
+        f"this is a {name} image, not a VHD; make a VHD of it with: qemu-img convert -f {fmt} "
+        f"-O vpc -o subformat=dynamic,force_size=on {path} disk.vhd"
+    )
 
 
 def test_fixed_footer_checksum(tmp_path: Path) -> None:
@@ -98,8 +116,9 @@ def test_dynamic_footer_damaged_uses_copy(tmp_path: Path) -> None:
     chain.close()
     assert tree_hashes(tmp_path) == before
     [warning] = chain.leaf.warnings
-    assert warning.startswith("trailing footer unusable (footer checksum 0x")
-    assert warning.endswith("); using the copy at offset 0")
+    assert warning.code == "trailing-footer-unusable"
+    assert warning.message.startswith("trailing footer unusable (footer checksum 0x")
+    assert warning.message.endswith("); using the copy at offset 0")
 
 
 def test_header_checksum(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import datetime
 import json
 from typing import Any
 
-from vhdfs.errors import ChainError
+from vhdfs.errors import ChainError, VhdfsError
 from vhdfs.format.layout import VHD_EPOCH, DiskType
 from vhdfs.image.chain import ParentLink
 from vhdfs.image.vhd import VhdImage
@@ -48,7 +48,7 @@ def layer_report(image: VhdImage, link: ParentLink | None) -> dict[str, Any]:
         "unique_id": footer.unique_id.hex(),
         "saved_state": bool(footer.saved_state),
         "file_size": image.file.size,
-        "warnings": list(image.warnings),
+        "warnings": [{"code": w.code, "message": w.message} for w in image.warnings],
     }
     if image.header is not None:
         report["block_size"] = image.block_size
@@ -81,14 +81,35 @@ def chain_report(
         "virtual_size": reports[0]["virtual_size"],
         "depth": len(reports),
         "complete": error is None,
-        "error": None if error is None else str(error),
+        "error": None if error is None else error_report(error),
+        "exit_code": 0 if error is None else int(error.exit_code),
         "layers": reports,
     }
 
 
+def error_report(error: VhdfsError) -> dict[str, Any]:
+    """An error as JSON: its stable code, the file, and the one-line message."""
+    return {"code": error.code, "path": error.path, "message": str(error)}
+
+
+def failed_report(path: str, error: VhdfsError) -> dict[str, Any]:
+    """The ``vhd info`` report of an image that does not open at all."""
+    return {
+        "image": path,
+        "complete": False,
+        "error": error_report(error),
+        "exit_code": int(error.exit_code),
+        "layers": [],
+    }
+
+
+#: Version of the ``--json`` documents of ``vhd``: raised when a field changes meaning.
+JSON_VERSION = 1
+
+
 def render_json(report: dict[str, Any]) -> str:
-    """The report as indented JSON."""
-    return json.dumps(report, indent=2)
+    """A report as an indented JSON document, with the format's version first."""
+    return json.dumps({"version": JSON_VERSION, **report}, indent=2)
 
 
 def _time(seconds: int) -> str:
@@ -105,7 +126,7 @@ def render_text(report: dict[str, Any]) -> str:
         lines.append(f"{title}: {layer['path']}")
         lines.extend(f"  {key:<{width}}  {value}" for key, value in rows)
     if report["error"]:
-        lines.append(f"chain incomplete: {report['error']}")
+        lines.append(f"chain incomplete: {report['error']['message']}")
     return "\n".join(printable(line) for line in lines)
 
 
@@ -152,5 +173,5 @@ def _layer_rows(layer: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("locators", ", ".join(parent["locators"]) or "none"))
         if "path" in parent:
             rows.append(("parent", f"{parent['path']} (unique id matches)"))
-    rows.extend(("warning", warning) for warning in layer["warnings"])
+    rows.extend(("warning", warning["message"]) for warning in layer["warnings"])
     return rows

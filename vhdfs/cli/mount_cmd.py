@@ -22,7 +22,7 @@ from vhdfs.units import format_size
 _DESCRIPTION = """\
 Mount Microsoft VHD disk images (fixed, dynamic and differencing, with parent chains of any
 depth) as raw disk files, read-write. The command returns once the mount is ready and leaves a
-daemon serving it; unmount with fusermount3 -u (or umount as root) to end the daemon."""
+daemon serving it; vhdfs -u MOUNTPOINT unmounts and waits for the daemon to finish."""
 
 _EPILOG = f"""\
 mount options (-o, comma-separated, may be repeated; also accepted after the positionals):
@@ -32,12 +32,17 @@ mount options (-o, comma-separated, may be repeated; also accepted after the pos
   ro                  read-only
   overlay=PATH        write into the differencing image PATH on top of IMAGE (created if
                       missing; reused if its parent is IMAGE); IMAGE itself is never written
+  partitions          also serve each MBR or GPT partition of a disk as NAME.p1, NAME.p2...
+                      (numbered as Linux numbers them; they follow the table as it changes)
   writeback=SECONDS   written data waits in memory at most this long before it is written
                       to the image (default 5); 0 writes through
   sync                the same as writeback=0: a write returns once it is in the image, synced
   dirty_limit=SIZE    most written data held in memory; writers wait above it (default 64M)
+  uid=USER, gid=GROUP, umask=MASK
+                      owner, group and permission mask of the raw files (default: those of
+                      the image file); chmod and chown on them fail with EPERM
   pidfile=PATH        write the daemon's PID to PATH once the mount is served; removed when
-                      the daemon exits (wait for that before using the image elsewhere)
+                      the daemon exits
   cache_size=SIZE     memory for cached metadata and data, e.g. 256M
                       (default {format_size(DEFAULT_CACHE_SIZE)}, minimum 1 MiB)
   io=inline|auto|thread
@@ -45,16 +50,22 @@ mount options (-o, comma-separated, may be repeated; also accepted after the pos
                       when the host page cache holds the data, else in a worker thread (for
                       storage that serves parallel reads); thread always in a worker thread
   allow_other, allow_root, auto_unmount, default_permissions, dev, nodev, suid, nosuid,
-  exec, noexec, atime, noatime, fsname=NAME, subtype=NAME
+  exec, noexec, atime, noatime, fsname=NAME, subtype=NAME, context=...
                       passed to FUSE and the kernel
-  defaults, auto, noauto, user, users, nofail, _netdev, x-*, comment=, relatime, ...
-                      fstab words, accepted and ignored (the README lists them all)
+  defaults, auto, noauto, user, users, owner, group, nofail, _netdev, x-*, comment=,
+  lazytime, dirsync, relatime, silent, loud, async, ...
+                      words mount(8) and fstab pass, accepted and ignored (README lists all)
 
 when written data is in the image:
   close() of the raw file returns   written into the image file (survives the daemon)
   fsync()/fdatasync() returns       written and synced (survives a power cut)
-  after writeback seconds, at unmount, on SIGTERM
+  after writeback seconds, and on unmount, vhdfs -u, SIGTERM, SIGINT, SIGHUP
   the image stays valid for every other tool at every instant, crashes included
+
+stopping: vhdfs -u MOUNTPOINT, SIGTERM, SIGINT and SIGHUP write out and sync, then unmount;
+  while a program, a loop device or a mounted guest file system uses the mount, it is not
+  unmounted: the daemon serves on (writing through), names who holds it, and waits for the
+  next request. vhdfs -u then exits 6.
 
 the mountpoint:
   a directory         holds one NAME.raw per IMAGE (NAME is the image file name without
@@ -64,20 +75,23 @@ the mountpoint:
 examples:
   vhdfs disk.vhd /mnt/disk                    # the guest disk is /mnt/disk/disk.raw
   losetup -r -P --show -f /mnt/disk/disk.raw  # partitions appear as /dev/loopNpM
+  partx -a /dev/loop0                         # ...on kernels that parse no tables
   mount -o ro /dev/loop0p1 /mnt/guest
+  vhdfs -o partitions disk.vhd /mnt/disk      # or: partition files, no loop device needed
+  mount -o loop,ro /mnt/disk/disk.p1 /mnt/guest
   vhdfs snapshot.vhd /srv/vm.raw              # regular-file mountpoint
   vhdfs -o overlay=/tmp/try.vhd golden.vhd /mnt/try   # golden.vhd stays untouched
   vhdfs -f -o cache_size=256M a.vhd b.vhd /mnt/disks
-  fusermount3 -u /mnt/disk                    # unmount; the daemon exits
+  vhdfs -u /mnt/disk                          # unmount; returns when the daemon has exited
 
   in /etc/fstab:
   /srv/images/disk.vhd  /mnt/disk  fuse.vhdfs  rw,allow_other,nofail  0  0
 
 exit status:
-  0  mounted (or, with -f, unmounted cleanly)
+  0  mounted (or, with -f or -u, unmounted cleanly)
   1  unexpected error          5  the mount failed (mountpoint, FUSE, daemon start)
-  2  bad usage or option       6  an image is in use by another program
-  3  an image is unusable      7  host I/O error
+  2  bad usage or option       6  an image or the mount is in use
+  3  an image is unusable      7  host I/O error (the final write-out failed)
   4  a parent chain is broken (missing parent, wrong unique id, loop)
 """
 

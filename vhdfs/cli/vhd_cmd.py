@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
 from vhdfs import __version__
-from vhdfs.cli.info import chain_report, render_json, render_text
+from vhdfs.cli.info import chain_report, failed_report, render_json, render_text
 from vhdfs.errors import ExitCode, UsageError, VhdfsError
 from vhdfs.image.chain import Chain
 from vhdfs.image.check import check_chain
@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``vhd``; returns the exit status."""
+    # Like any filter: a closed pipe (vhd info | head) ends the program quietly.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = build_parser().parse_args(argv)
     setup_logging(PROGRAM)
     try:
@@ -133,7 +135,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _info(path: str, *, as_json: bool) -> int:
-    chain, chain_error = Chain.open_partial(path, lock=False)
+    try:
+        chain, chain_error = Chain.open_partial(path, lock=False)
+    except VhdfsError as exc:
+        if not as_json:
+            raise
+        print(render_json(failed_report(path, exc)))
+        return exc.exit_code
     try:
         report = chain_report(list(chain.iter_layers()), chain_error)
     finally:
@@ -145,21 +153,17 @@ def _info(path: str, *, as_json: bool) -> int:
 def _check(path: str, *, as_json: bool) -> int:
     report = check_chain(path)
     if as_json:
-        print(
-            json.dumps(
-                {
-                    "image": report.image,
-                    "layers": report.layers,
-                    "exit_code": report.exit_code,
-                    "leaked_bytes": report.leaked_bytes,
-                    "findings": [
-                        {"severity": f.severity, "path": f.path, "message": f.message}
-                        for f in report.findings
-                    ],
-                },
-                indent=2,
-            )
-        )
+        document = {
+            "image": report.image,
+            "layers": report.layers,
+            "exit_code": report.exit_code,
+            "leaked_bytes": report.leaked_bytes,
+            "findings": [
+                {"severity": f.severity, "code": f.code, "path": f.path, "message": f.message}
+                for f in report.findings
+            ],
+        }
+        print(render_json(document))
         return report.exit_code
     for finding in report.findings:
         print(finding)

@@ -97,7 +97,7 @@ class VirtualDisk:
         self.read_only = writeback is None
         #: Problems that did not stop the disk from opening, one line each, with the file.
         self.warnings: list[str] = [
-            f"{layer.path}: {text}" for layer in chain.layers for text in layer.warnings
+            f"{layer.path}: {notice}" for layer in chain.layers for notice in layer.warnings
         ]
         self._write_lock = trio.Lock()
         self._reads = 0
@@ -236,7 +236,7 @@ def open_disk(
     chain = Chain.open(path, writable=writable)
     if writable and (problem := chain.leaf.write_problem()) is not None:
         chain.close()
-        fallback.append(_cannot_write(path, options, problem))
+        fallback.append(_cannot_write(path, options, problem.message))
         writable = False
         chain = Chain.open(path, writable=False)
     cache = BlockCache(chain, options.cache_size)

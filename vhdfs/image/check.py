@@ -33,6 +33,8 @@ class Finding:
     severity: str  # "error", "warning" or "leak"
     path: str
     message: str
+    #: A stable name of the kind of finding, for ``--json`` (the error's or notice's code).
+    code: str = "error"
 
     def __str__(self) -> str:
         # One finding, one line: a path from a locator must not forge another.
@@ -81,24 +83,29 @@ def _record_open_failure(report: CheckReport, path: str, exc: VhdfsError) -> Non
     # by someone else right now) means the check could not be done.
     if isinstance(exc, ImageAccessError | ImageBusyError | HostIOError):
         report.unreadable = True
-    report.findings.append(Finding("error", exc.path or path, exc.message))
+    report.findings.append(Finding("error", exc.path or path, exc.message, exc.code))
 
 
 def _check_layer(image: VhdImage, report: CheckReport) -> None:
     problem = image.write_problem()
     for warning in image.warnings:
         if warning != problem:  # reported once, below, as what it is
-            report.findings.append(Finding("warning", image.path, warning))
+            report.findings.append(Finding("warning", image.path, warning.message, warning.code))
     if problem is not None:
         harmless = image.footer.saved_state or problem in image.write_hazards
         severity = "warning" if harmless else "error"
-        report.findings.append(Finding(severity, image.path, problem))
+        report.findings.append(Finding(severity, image.path, problem.message, problem.code))
     if image.kind == DiskType.FIXED:
         return
     leaked = _leaks(image)
     for start, end in leaked:
         report.findings.append(
-            Finding("leak", image.path, f"{end - start} bytes at offset {start} are unreferenced")
+            Finding(
+                "leak",
+                image.path,
+                f"{end - start} bytes at offset {start} are unreferenced",
+                "leaked-space",
+            )
         )
         report.leaked_bytes += end - start
 

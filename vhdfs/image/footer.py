@@ -8,9 +8,10 @@ its offset 0 is guest data, never read as a footer.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
-from vhdfs.errors import ImageError, NotAVhdError, UnsupportedImageError
+from vhdfs.errors import ImageError, NotAVhdError, Notice, OtherFormatError
 from vhdfs.format.layout import FOOTER_SIZE, OLD_FOOTER_SIZE, SECTOR, VHDX_SIGNATURE, DiskType
 from vhdfs.format.records import Footer, parse_footer
 from vhdfs.image.hostfile import HostFile
@@ -30,7 +31,7 @@ class FooterLocation:
     #: The footer exactly as stored (512 bytes), rewritten verbatim when it moves.
     raw: bytes = b""
     #: A problem worth a warning once the image has opened (a footer copy was used...).
-    note: str | None = None
+    note: Notice | None = None
 
     @property
     def data_limit(self) -> int:
@@ -49,8 +50,7 @@ def locate_footer(file: HostFile) -> FooterLocation:
     if size < FOOTER_SIZE - 1:
         raise NotAVhdError(file.path, f"not a VHD image: the file is only {size} bytes")
     head = file.pread(0, FOOTER_SIZE)
-    if head[:8] == VHDX_SIGNATURE:
-        raise UnsupportedImageError(file.path, "this is a VHDX image; only VHD is supported")
+    _refuse_other_formats(file.path, head)
     trailing_length = OLD_FOOTER_SIZE if size % SECTOR == OLD_FOOTER_SIZE else FOOTER_SIZE
     trailing_offset = size - trailing_length
     trailing_raw = file.pread(trailing_offset, trailing_length).ljust(FOOTER_SIZE, b"\0")
@@ -63,18 +63,53 @@ def locate_footer(file: HostFile) -> FooterLocation:
     if trailing is not None:
         note = None
         if copy is not None and copy != trailing:
-            note = "the footer copy at offset 0 differs from the trailing footer; using the latter"
+            note = Notice(
+                "footer-copy-differs",
+                "the footer copy at offset 0 differs from the trailing footer; using the latter",
+            )
         return FooterLocation(
             trailing, trailing_length, trailing_offset, copy == trailing, trailing_raw, note
         )
     assert trailing_error is not None
     if copy is not None:
-        note = f"trailing footer unusable ({trailing_error.message}); using the copy at offset 0"
+        note = Notice(
+            "trailing-footer-unusable",
+            f"trailing footer unusable ({trailing_error.message}); using the copy at offset 0",
+        )
         return FooterLocation(copy, 0, size, True, head, note)
     # Report the most specific problem: a damaged footer beats "no footer at all".
     if isinstance(trailing_error, NotAVhdError) and not isinstance(copy_error, NotAVhdError | None):
         raise copy_error
     raise trailing_error
+
+
+#: Other disk image formats, by what their files start with: (name, qemu-img format).
+_OTHER_FORMATS = (
+    (VHDX_SIGNATURE, "VHDX", "vhdx"),
+    (b"QFI\xfb", "qcow2", "qcow2"),
+    (b"KDMV", "VMDK", "vmdk"),
+    (b"# Disk DescriptorFile", "VMDK descriptor", "vmdk"),
+    (b"COWD", "VMDK (ESX)", "vmdk"),
+)
+_VDI_SIGNATURE = (0x40, b"\x7f\x10\xda\xbe")
+
+
+def _refuse_other_formats(path: str, head: bytes) -> None:
+    """Name a qcow2, VMDK, VDI or VHDX file as such, with the conversion that makes a VHD."""
+    found = next(
+        ((name, fmt) for magic, name, fmt in _OTHER_FORMATS if head.startswith(magic)), None
+    )
+    offset, magic = _VDI_SIGNATURE
+    if found is None and head[offset : offset + len(magic)] == magic:
+        found = ("VDI (VirtualBox)", "vdi")
+    if found is not None:
+        name, fmt = found
+        target = os.path.splitext(os.path.basename(path))[0] + ".vhd"
+        raise OtherFormatError(
+            path,
+            f"this is a {name} image, not a VHD; make a VHD of it with: qemu-img convert -f "
+            f"{fmt} -O vpc -o subformat=dynamic,force_size=on {path} {target}",
+        )
 
 
 def _try_footer(

@@ -25,6 +25,7 @@ from typing import Self
 from vhdfs.errors import (
     CorruptMetadataError,
     FormatError,
+    Notice,
     TruncatedImageError,
     UnsupportedImageError,
 )
@@ -76,9 +77,9 @@ class VhdImage:
         self.footer_raw = location.raw
         #: Current size rounded down to whole sectors (the size Hyper-V, Azure and blktap use).
         self.virtual_size = footer.current_size - footer.current_size % SECTOR
-        self.warnings: list[str] = [location.note] if location.note else []
+        self.warnings: list[Notice] = [location.note] if location.note else []
         #: Those of the warnings that also make writing unsafe (see ``write_problem``).
-        self.write_hazards: list[str] = []
+        self.write_hazards: list[Notice] = []
         if header is None:
             self.block_size = 0
             self.sectors_per_block = 0
@@ -202,9 +203,10 @@ class VhdImage:
                 name = f"parent locator {slot} ({loc.platform_name}) data"
                 if loc.data_offset + loc.data_length > limit:
                     # Unusable, and a hazard: a write would grow the file into it.
-                    warning = (
+                    warning = Notice(
+                        "locator-past-end",
                         f"{name} at offset {loc.data_offset} runs past the end of the file; "
-                        "ignored, and the image is not written"
+                        "ignored, and the image is not written",
                     )
                     self.warnings.append(warning)
                     self.write_hazards.append(warning)
@@ -337,19 +339,26 @@ class VhdImage:
 
     # -- writing -------------------------------------------------------------------------
 
-    def write_problem(self) -> str | None:
+    def write_problem(self) -> Notice | None:
         """Why writing to this image would be unsafe, or ``None`` when it is safe."""
         if self.footer.saved_state:
-            return (
+            return Notice(
+                "saved-state",
                 "footer saved state is set: a Virtual PC virtual machine was saved with this "
-                "disk, and writing would make its saved memory disagree with the disk"
+                "disk, and writing would make its saved memory disagree with the disk",
             )
         if self.kind == DiskType.FIXED:
             return None
         if not self.trailing_footer_length:
-            return "the trailing footer is missing or damaged; only the copy at offset 0 is valid"
+            return Notice(
+                "trailing-footer-unusable",
+                "the trailing footer is missing or damaged; only the copy at offset 0 is valid",
+            )
         if not self.footer_copy_matches:
-            return "the footer copy at offset 0 differs from the trailing footer"
+            return Notice(
+                "footer-copy-differs",
+                "the footer copy at offset 0 differs from the trailing footer",
+            )
         return self.write_hazards[0] if self.write_hazards else None
 
     def commit_allocation(self, end: int) -> None:
