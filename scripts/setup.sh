@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 PACKAGES="fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv qemu-utils
 libvhdi-utils e2fsprogs dosfstools mtools fdisk util-linux mount xz-utils fio systemd
-man-db bash-completion"
+man-db bash-completion qemu-system-x86"
 [ -n "${VHDFS_EXTRA_PACKAGES:-}" ] && PACKAGES="$PACKAGES $VHDFS_EXTRA_PACKAGES"
 
 missing=""
@@ -40,3 +40,6 @@ if [ "$(id -u)" = 0 ]; then
     install -D -m 644 -t /usr/local/share/man/man1 data/man/vhdfs.1 data/man/vhd.1
     install -D -m 644 data/bash-completion/vhd /usr/local/share/bash-completion/completions/vhd
 fi
+
+# The QEMU guest of the hypervisor tests (kernel and initramfs, built once into .cache/guest).
+scripts/build-guest.sh

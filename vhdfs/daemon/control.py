@@ -24,6 +24,7 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import trio
 
@@ -150,9 +151,10 @@ def unmount(mountpoint: str) -> UnmountResult:
             ) from None
         pid, _ = _peer(client)
         process = os.pidfd_open(pid)
+        replies = client.makefile("rb")
         try:
             client.sendall(b"unmount\n")
-            reply = _read_line(client)
+            reply = _read_line(replies)
             fields = reply.split("\t")
             if fields[0] == "busy":
                 return UnmountResult(
@@ -160,9 +162,10 @@ def unmount(mountpoint: str) -> UnmountResult:
                 )
             if fields[0] != "unmounting":
                 return UnmountResult(ExitCode.IO_ERROR, "; ".join(fields[1:]) or reply)
-            done = _read_line(client)
+            done = _read_line(replies)
             select.select([process], [], [])  # the daemon's process is gone
         finally:
+            replies.close()
             os.close(process)
     finally:
         client.close()
@@ -172,11 +175,5 @@ def unmount(mountpoint: str) -> UnmountResult:
     return UnmountResult(ExitCode.OK)
 
 
-def _read_line(client: socket.socket) -> str:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = client.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    return data.decode(errors="replace").strip()
+def _read_line(replies: BinaryIO) -> str:
+    return replies.readline().decode(errors="replace").strip()
