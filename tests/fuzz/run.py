@@ -140,8 +140,12 @@ def main(argv: list[str] | None = None) -> int:
         args.workers, _init, (seeds, args.memory << 20, args.timeout), maxtasksperchild=2000
     ) as pool:
         work = ((args.seed, n) for n in range(args.inputs))
-        for number, outcome, failure, done in pool.imap_unordered(run_one, work, chunksize=16):
+        for count, (number, outcome, failure, done) in enumerate(
+            pool.imap_unordered(run_one, work, chunksize=16), 1
+        ):
             outcomes["failed" if failure else outcome.split(":")[0]] += 1
+            if count % 20_000 == 0:
+                print(f"fuzz: {count} inputs, {len(failures)} distinct failures", flush=True)
             if failure is None:
                 continue
             signature = failure.splitlines()[0]
