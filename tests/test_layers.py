@@ -21,12 +21,13 @@ ALLOWED = {
     "disk": {"format", "image", "cache"},
     "fuse": {"format", "image", "cache", "disk"},
     "daemon": {"format", "image", "cache", "disk", "fuse"},
-    "cli": {"format", "image", "cache", "disk", "fuse", "daemon"},
+    "tools": {"format", "image", "cache", "disk"},
+    "cli": {"format", "image", "cache", "disk", "fuse", "daemon", "tools"},
 }
 #: Third-party packages and the parts that may import them.
 THIRD_PARTY = {
     "construct": {"format"},
-    "trio": {"disk", "daemon", "cli"},
+    "trio": {"disk", "daemon", "tools", "cli"},
     "pyfuse3": {"fuse", "daemon"},
 }
 

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from vhdfs import __version__
 from vhdfs.cli.info import chain_report, failed_report, render_json, render_text
+from vhdfs.cli.tools_cmd import RUNNERS, add_parsers
 from vhdfs.errors import ExitCode, UsageError, VhdfsError
 from vhdfs.image.chain import Chain
 from vhdfs.image.check import check_chain
@@ -57,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``vhd`` argument parser with its subcommands."""
     parser = argparse.ArgumentParser(
         prog=PROGRAM,
-        description="Inspect and create Microsoft VHD disk images.",
+        description="Inspect, verify, create, convert, commit, compact and resize Microsoft "
+        "VHD disk images.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -85,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("image", metavar="IMAGE")
     check.add_argument("--json", action="store_true", help="machine-readable output")
+    check.add_argument(
+        "--azure",
+        action="store_true",
+        help="also check Azure's rules: a fixed image of a whole number of MiB",
+    )
 
     create = sub.add_parser(
         "create",
@@ -114,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument(
         "-p", "--parent", metavar="PARENT", help="create a differencing child of PARENT"
     )
+    add_parsers(sub)
     return parser
 
 
@@ -127,7 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "info":
             return _info(args.image, as_json=args.json)
         if args.command == "check":
-            return _check(args.image, as_json=args.json)
+            return _check(args.image, as_json=args.json, azure=args.azure)
+        if args.command in RUNNERS:
+            return RUNNERS[args.command](args)
         return _create(args)
     except VhdfsError as exc:
         error(PROGRAM, exc)
@@ -150,8 +160,8 @@ def _info(path: str, *, as_json: bool) -> int:
     return ExitCode.OK if chain_error is None else chain_error.exit_code
 
 
-def _check(path: str, *, as_json: bool) -> int:
-    report = check_chain(path)
+def _check(path: str, *, as_json: bool, azure: bool) -> int:
+    report = check_chain(path, azure=azure)
     if as_json:
         document = {
             "image": report.image,

@@ -59,8 +59,12 @@ class CheckReport:
         return 1 if any(f.severity == "error" for f in self.findings) else 0
 
 
-def check_chain(path: str) -> CheckReport:
-    """Check ``path`` and every parent; never raises for problems in the images."""
+def check_chain(path: str, *, azure: bool = False) -> CheckReport:
+    """Check ``path`` and every parent; never raises for problems in the images.
+
+    With ``azure``, also Azure's rules for an uploaded disk: a fixed image whose virtual size
+    is a whole number of MiB.
+    """
     report = CheckReport(image=path)
     try:
         chain, chain_error = Chain.open_partial(path, writable=False, lock=True)
@@ -71,11 +75,35 @@ def check_chain(path: str) -> CheckReport:
         for image in chain.layers:
             report.layers.append(image.path)
             _check_layer(image, report)
+        if azure:
+            _check_azure(chain.leaf, report)
         if chain_error is not None:
             _record_open_failure(report, chain_error.path or path, chain_error)
     finally:
         chain.close()
     return report
+
+
+def _check_azure(image: VhdImage, report: CheckReport) -> None:
+    if image.kind != DiskType.FIXED:
+        report.findings.append(
+            Finding(
+                "error",
+                image.path,
+                "Azure takes fixed images only (vhd convert --azure makes one)",
+                "azure-not-fixed",
+            )
+        )
+    if image.virtual_size % (1 << 20):
+        report.findings.append(
+            Finding(
+                "error",
+                image.path,
+                f"virtual size {image.virtual_size} is not a whole number of MiB, as Azure "
+                "requires (vhd convert --azure rounds it up)",
+                "azure-size",
+            )
+        )
 
 
 def _record_open_failure(report: CheckReport, path: str, exc: VhdfsError) -> None:

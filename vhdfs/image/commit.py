@@ -78,10 +78,8 @@ when durability is asked.
 
 from __future__ import annotations
 
-from array import array
 from collections.abc import Iterable, Iterator
 
-from vhdfs.format.bat import encode_entries
 from vhdfs.format.bitmap import SectorBitmap
 from vhdfs.format.layout import FOOTER_SIZE, SECTOR, UNALLOCATED, DiskType
 from vhdfs.image.steps import (
@@ -92,13 +90,13 @@ from vhdfs.image.steps import (
     Chunks,
     Commit,
     CrashPoint,
-    PatchBatSector,
     Reserve,
     Step,
     Target,
     WriteBitmap,
     WriteData,
     WriteFooter,
+    bat_patches,
     place_block,
 )
 
@@ -167,7 +165,8 @@ class _SparsePlan:
         steps += self.after_sync_data
         steps += self.after_sync_bitmaps
         steps.append(CrashPoint("flush-bitmaps-written"))
-        steps += _bat_patches(target.table_offset, [c.allocation for c in self.allocated])
+        entries = [(c.allocation.block, c.allocation.entry) for c in self.allocated]
+        steps += bat_patches(target.table_offset, entries)
         steps += self.allocated
         steps.append(CrashPoint("flush-bat-written"))
         if durable and metadata:
@@ -218,18 +217,6 @@ class _SparsePlan:
         steps += [WriteData(allocation.data_offset + within, chunks) for within, _, chunks in runs]
         steps.append(CrashPoint("alloc-block-written"))
         self.allocated.append(Commit(allocation, bitmap))
-
-
-def _bat_patches(table_offset: int, allocations: list[Allocation]) -> list[Step]:
-    """Whole file sectors of the BAT that gain entries (the table need not be aligned)."""
-    patches: dict[int, list[tuple[int, bytes]]] = {}
-    for allocation in allocations:
-        position = table_offset + 4 * allocation.block
-        value = encode_entries(array("I", [allocation.entry]))
-        for byte in range(4):  # an entry may straddle two sectors of a misaligned BAT
-            sector, within = divmod(position + byte, SECTOR)
-            patches.setdefault(sector, []).append((within, value[byte : byte + 1]))
-    return [PatchBatSector(sector, tuple(items)) for sector, items in sorted(patches.items())]
 
 
 def split_by_block(

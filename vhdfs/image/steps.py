@@ -7,9 +7,12 @@ without a file.
 
 from __future__ import annotations
 
+from array import array
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
+from vhdfs.format.bat import encode_entries
 from vhdfs.format.bitmap import SectorBitmap
 from vhdfs.format.layout import DATA_ALIGNMENT, SECTOR, UNALLOCATED, DiskType
 
@@ -157,6 +160,31 @@ class Commit:
 
 
 @dataclass(frozen=True, slots=True)
+class WriteMeta:
+    """Write a metadata structure whole at ``offset``: ``what`` names it for messages."""
+
+    offset: int
+    raw: bytes
+    what: str
+
+
+@dataclass(frozen=True, slots=True)
+class CopyRange:
+    """Copy ``length`` bytes of the file from ``source`` to ``target`` (never overlapping)."""
+
+    source: int
+    target: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class Truncate:
+    """Cut (or extend) the file to ``size`` bytes."""
+
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
 class Sync:
     """Make everything written so far durable (``fdatasync``)."""
 
@@ -168,6 +196,34 @@ class CrashPoint:
     name: str
 
 
-Step = Reserve | WriteData | WriteFooter | WriteBitmap | PatchBatSector | Commit | Sync | CrashPoint
+Step = (
+    Reserve
+    | WriteData
+    | WriteFooter
+    | WriteBitmap
+    | PatchBatSector
+    | Commit
+    | WriteMeta
+    | CopyRange
+    | Truncate
+    | Sync
+    | CrashPoint
+)
 
 SYNC = Sync()
+
+
+def bat_patches(table_offset: int, entries: Iterable[tuple[int, int]]) -> list[Step]:
+    """Whole file sectors of the BAT that set ``(block, entry)`` pairs.
+
+    Sectors of the file, not of the table: the table need not be sector-aligned, and an entry
+    may straddle two sectors of a misaligned one.
+    """
+    patches: dict[int, list[tuple[int, bytes]]] = {}
+    for block, entry in entries:
+        position = table_offset + 4 * block
+        value = encode_entries(array("I", [entry]))
+        for byte in range(4):
+            sector, within = divmod(position + byte, SECTOR)
+            patches.setdefault(sector, []).append((within, value[byte : byte + 1]))
+    return [PatchBatSector(sector, tuple(items)) for sector, items in sorted(patches.items())]
