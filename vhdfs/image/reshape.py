@@ -159,6 +159,8 @@ def plan_compact(shape: Shape, droppable: set[int]) -> CompactPlan:
     overlap its old one, several such moves sharing their syncs; when it does overlap (it moves
     down by less than its own size), it moves twice, through a place past everything else.
     A block is never copied over space that is still referenced, its own old place included.
+    Blocks move, other structures do not: free space below a BAT that follows the blocks
+    stays free once no block is left to fill it.
     """
     assert shape.header is not None
     table = shape.header.table_offset
