@@ -34,6 +34,10 @@ def vhd(*args: str | Path) -> subprocess.CompletedProcess[str]:
         (["vhd", "info", "--help"], "vhd-info-help.txt"),
         (["vhd", "create", "--help"], "vhd-create-help.txt"),
         (["vhd", "check", "--help"], "vhd-check-help.txt"),
+        (["vhd", "convert", "--help"], "vhd-convert-help.txt"),
+        (["vhd", "commit", "--help"], "vhd-commit-help.txt"),
+        (["vhd", "compact", "--help"], "vhd-compact-help.txt"),
+        (["vhd", "resize", "--help"], "vhd-resize-help.txt"),
     ],
 )
 def test_help_matches_golden_copy(argv: list[str], golden: str) -> None:

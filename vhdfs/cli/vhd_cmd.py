@@ -32,11 +32,15 @@ _EPILOG = """\
 examples:
   vhd create disk.vhd 20G                         # dynamic, 2 MiB blocks
   vhd create --type fixed --size 512M azure.vhd   # fixed (sparse on the host)
-  vhd create -b 512K disk.vhd 4G                  # dynamic, 512 KiB blocks
   vhd create --parent base.vhd snapshot.vhd       # differencing child of base.vhd
   vhd info snapshot.vhd                           # the whole chain
   vhd info --json disk.vhd | jq .virtual_size
   vhd check snapshot.vhd                          # verify the whole chain
+  vhd convert snapshot.vhd flat.vhd               # flatten a chain into one image
+  vhd convert --azure disk.img upload.vhd         # a raw disk into a fixed VHD for Azure
+  vhd commit snapshot.vhd                         # merge a snapshot into its parent
+  vhd compact disk.vhd                            # give back unused space
+  vhd resize disk.vhd 40G                         # grow
 
 exit status:
   0 success            3 an image is unusable           6 an image is in use
