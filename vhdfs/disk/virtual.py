@@ -32,7 +32,7 @@ from vhdfs.disk.writeback import (
     WriteBack,
     WriteBackStatistics,
 )
-from vhdfs.errors import ImageError, NoSpaceError, ReadOnlyError
+from vhdfs.errors import HostIOError, ImageError, NoSpaceError, ReadOnlyError
 from vhdfs.format.layout import SECTOR
 from vhdfs.image.chain import Chain
 
@@ -111,6 +111,9 @@ class VirtualDisk:
     async def read(self, offset: int, length: int) -> Buffer:
         """Up to ``length`` bytes at ``offset``; shorter only at the end of the disk."""
         length = max(0, min(length, self.size - offset))
+        direct = self._read_direct(offset, length)
+        if direct is not None:
+            return direct
         plan = self.chain.plan_read(offset, length, self.cache)
         patches = self.writeback.patches(offset, length) if self.writeback else []
         self._reads += 1
@@ -129,6 +132,36 @@ class VirtualDisk:
         if len(parts) == 1:
             return parts[0]
         return b"".join(parts)
+
+    def _read_direct(self, offset: int, length: int) -> Buffer | None:
+        """The commonest read, answered with one lookup and one ``pread``, or ``None``.
+
+        That is a read one layer answers whole (``Chain.direct``), with nothing written and
+        not yet in the image, host reads inline: no await, so nothing can change between the
+        lookup and the read. The data cache is passed by: a page-cache read costs about what a
+        hit does, and caching would cost a copy (docs/performance.md).
+        """
+        writeback = self.writeback
+        if writeback is not None and (writeback.dirty.pages or writeback.inflight is not None):
+            return None
+        if self.hostio.mode is not IoMode.INLINE:
+            return None
+        extent = self.chain.direct(offset, offset + length, self.cache)
+        if extent is None:
+            return None
+        self._reads += 1
+        self._bytes_read += length
+        if extent.layer is None:
+            return _ZERO_VIEW[:length] if length <= len(_ZERO_BLOCK) else bytes(length)
+        file = self.chain.layers[extent.layer].file
+        data = file.pread(extent.host, length)
+        self._host_reads += 1
+        if len(data) != length:
+            raise HostIOError(
+                file.path,
+                f"file ended early: read at {extent.host} returned {len(data)} of {length} bytes",
+            )
+        return data
 
     async def _read_layer(self, layer: int, offset: int, length: int) -> Buffer:
         found = self.cache.lookup(layer, offset, length)

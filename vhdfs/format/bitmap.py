@@ -45,6 +45,10 @@ class SectorBitmap:
         """True when every sector of ``[first, first + count)`` is present."""
         return self.bits.find("0", first, first + count) < 0
 
+    def is_empty(self, first: int, count: int) -> bool:
+        """True when no sector of ``[first, first + count)`` is present."""
+        return self.bits.find("1", first, first + count) < 0
+
     def with_ranges(self, ranges: Iterable[tuple[int, int]]) -> SectorBitmap:
         """A copy with every ``(first sector, count)`` range of ``ranges`` marked present."""
         copy = SectorBitmap.__new__(SectorBitmap)

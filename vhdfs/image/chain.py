@@ -144,9 +144,9 @@ class Chain:
         end = min(offset + length, self.virtual_size)
         if end <= offset:
             return []
-        quick = self._within_leaf_block(offset, end, meta)
+        quick = self.direct(offset, end, meta)
         if quick is not None:
-            return quick
+            return [quick]
         out: list[Extent] = []
         pending = [(offset, end - offset)]
         for index, layer in enumerate(self.layers):
@@ -160,29 +160,35 @@ class Chain:
             out.append(Extent.zeros(start, count))
         return merge(out)
 
-    def _within_leaf_block(self, offset: int, end: int, meta: MetaSource) -> list[Extent] | None:
-        """Plan the most common request without the general machinery.
+    def direct(self, offset: int, end: int, meta: MetaSource) -> Extent | None:
+        """The one extent of a request that one layer answers whole, or ``None``.
 
-        That is a request the leaf answers alone, from inside one of its blocks (or a fixed
-        leaf). ``None`` when the general path is needed (docs/performance.md has what it
-        saves).
+        The commonest request lies inside one block of every layer it reaches, and the first
+        layer that has any of its sectors has all of them (or it reads as zeros). It is mapped
+        here, walking down the chain, without the general machinery of ``plan_read``; any
+        other request returns ``None`` (docs/performance.md has what this saves).
         """
-        leaf = self.leaf
-        if leaf.kind == DiskType.FIXED:
-            return [Extent(offset, end - offset, 0, offset)] if end <= leaf.virtual_size else None
-        block, start = divmod(offset, leaf.block_size)
-        if (end - 1) // leaf.block_size != block or end > leaf.virtual_size:
-            return None
-        entry = meta.bat_entry(0, block)
-        if entry == UNALLOCATED:
-            if leaf.kind == DiskType.DYNAMIC:
-                return [Extent.zeros(offset, end - offset)]
-            return None
-        first = start // SECTOR
-        last = (start + end - offset + SECTOR - 1) // SECTOR
-        if not meta.bitmap(0, block, entry).is_full(first, last - first):
-            return None
-        return [Extent(offset, end - offset, 0, entry * SECTOR + leaf.bitmap_size + start)]
+        count = end - offset
+        for index, layer in enumerate(self.layers):
+            if end > layer.virtual_size:
+                return None  # partly past this layer's end: the general path cuts it
+            if layer.kind == DiskType.FIXED:
+                return Extent(offset, count, index, offset)
+            block, start = divmod(offset, layer.block_size)
+            if (end - 1) // layer.block_size != block:
+                return None
+            entry = meta.bat_entry(index, block)
+            if entry != UNALLOCATED:
+                first = start // SECTOR
+                sectors = (start + count + SECTOR - 1) // SECTOR - first
+                bitmap = meta.bitmap(index, block, entry)
+                if bitmap.is_full(first, sectors):
+                    return Extent(offset, count, index, entry * SECTOR + layer.bitmap_size + start)
+                if not bitmap.is_empty(first, sectors):
+                    return None  # some sectors here, some below
+            if layer.kind == DiskType.DYNAMIC:
+                return Extent.zeros(offset, count)
+        return Extent.zeros(offset, count)
 
     def iter_layers(self) -> Iterator[tuple[VhdImage, ParentLink | None]]:
         """Each layer with the link that found it (``None`` for the leaf)."""
