@@ -22,6 +22,11 @@ costs a copy. So:
 * a read that was under way while the layer's file was written is not cached (the write
   epoch moved on): it may hold the old bytes.
 
+Beside them sits the direct map: for each leaf block read recently, the one extent that answers
+any read inside it (``Chain.direct`` run once over the whole block), so the commonest read costs
+one dict lookup. It holds at most ``DIRECT_MAP_LIMIT`` blocks and is kept right by the same
+calls that keep the metadata right (``set_bat_entry``, ``put_bitmap``, ``forget_metadata``).
+
 Thread safety: used only from the trio thread, and no method awaits, so no lock is needed.
 """
 
@@ -35,8 +40,9 @@ from vhdfs.cache.lru import CacheStatistics, LruCache
 from vhdfs.errors import HostIOError
 from vhdfs.format.bat import BAT_PAGE_ENTRIES
 from vhdfs.format.bitmap import SectorBitmap
-from vhdfs.format.layout import UNALLOCATED
+from vhdfs.format.layout import UNALLOCATED, DiskType
 from vhdfs.image.chain import Chain
+from vhdfs.image.extents import Extent
 
 #: Default budget (``-o cache_size=``).
 DEFAULT_CACHE_SIZE = 64 << 20
@@ -48,11 +54,19 @@ DATA_CHUNK = 16 << 10
 #: Host runs longer than this bypass the data cache.
 CACHED_READ_LIMIT = 64 << 10
 
+#: Leaf blocks the direct map remembers (about 150 bytes each); when full it starts over.
+DIRECT_MAP_LIMIT = 1 << 15
+
 _BAT = 0
 _BITMAP = 1
 _DATA = 2
 
 CacheKey = tuple[int, int, int]
+
+#: Direct-map value of a block no single layer answers whole: each read asks ``Chain.direct``.
+_MIXED: tuple[int | None, int] = (-1, 0)
+#: Direct-map value of a block that reads as zeros.
+_ZEROS: tuple[int | None, int] = (None, 0)
 
 
 class DataRead(NamedTuple):
@@ -89,6 +103,48 @@ class BlockCache:
         # Bumped whenever a layer's file is written: a read that was waiting on the disk
         # while a write went in must not cache what it read (it may be the old bytes).
         self._data_epoch = [0] * len(chain.layers)
+        # Leaf block -> (layer, host offset minus disk offset), (None, 0) or _MIXED.
+        self._direct: dict[int, tuple[int | None, int]] = {}
+        leaf = chain.leaf
+        self._unit = 0 if leaf.kind == DiskType.FIXED else leaf.block_size
+
+    # -- the direct map ------------------------------------------------------------------
+
+    def direct(self, offset: int, length: int) -> Extent | None:
+        """``Chain.direct`` for ``[offset, offset + length)``, from the direct map when it can."""
+        unit = self._unit
+        index, within = divmod(offset, unit) if unit else (0, -1)
+        if within < 0 or within + length > unit:
+            return self.chain.direct(offset, offset + length, self)
+        found = self._direct.get(index)
+        if found is None:
+            found = self._map_block(index)
+        if found is _MIXED:
+            return self.chain.direct(offset, offset + length, self)
+        layer, delta = found
+        return Extent(offset, length, layer, 0 if layer is None else offset + delta)
+
+    def _map_block(self, index: int) -> tuple[int | None, int]:
+        start = index * self._unit
+        end = min(start + self._unit, self.chain.virtual_size)
+        extent = self.chain.direct(start, end, self)
+        if extent is None:
+            found = _MIXED
+        elif extent.layer is None:
+            found = _ZEROS
+        else:
+            found = (extent.layer, extent.host - start)
+        if len(self._direct) >= DIRECT_MAP_LIMIT:
+            self._direct.clear()
+        self._direct[index] = found
+        return found
+
+    def _unmap(self, layer: int, block: int) -> None:
+        """Forget what the direct map knows that metadata of ``layer``'s ``block`` decided."""
+        if layer == 0:
+            self._direct.pop(block, None)
+        else:
+            self._direct.clear()  # a parent's block sizes need not match the leaf's
 
     # -- metadata (MetaSource) -----------------------------------------------------------
 
@@ -189,13 +245,15 @@ class BlockCache:
 
     def set_bat_entry(self, layer: int, block: int, entry: int) -> None:
         """Record a BAT entry just written to the file (if its page is cached)."""
+        self._unmap(layer, block)
         page_no, slot = divmod(block, BAT_PAGE_ENTRIES)
         page: array[int] | None = self._lru.peek((layer, _BAT, page_no))
         if page is not None:
             page[slot] = entry
 
     def put_bitmap(self, layer: int, block: int, bitmap: SectorBitmap) -> None:
-        """Cache the bitmap of a block just allocated."""
+        """Cache the bitmap of a block just written."""
+        self._unmap(layer, block)
         self._lru.put((layer, _BITMAP, block), bitmap, bitmap.nbytes)
 
     def forget_metadata(self, layer: int) -> None:
@@ -204,6 +262,7 @@ class BlockCache:
         Used after a write that may have failed half-way: only the file knows what changed.
         """
         self._lru.discard_where(lambda key: key[0] == layer and key[1] != _DATA)
+        self._direct.clear()
 
     def invalidate_data(self, layer: int, start: int, end: int) -> None:
         """Forget cached data chunks overlapping ``[start, end)`` of the layer's file."""

@@ -136,7 +136,7 @@ class VirtualDisk:
     def _read_direct(self, offset: int, length: int) -> Buffer | None:
         """The commonest read, answered with one lookup and one ``pread``, or ``None``.
 
-        That is a read one layer answers whole (``Chain.direct``), with nothing written and
+        That is a read one layer answers whole (``BlockCache.direct``), with nothing written and
         not yet in the image, host reads inline: no await, so nothing can change between the
         lookup and the read. The data cache is passed by: a page-cache read costs about what a
         hit does, and caching would cost a copy (docs/performance.md).
@@ -146,7 +146,7 @@ class VirtualDisk:
             return None
         if self.hostio.mode is not IoMode.INLINE:
             return None
-        extent = self.chain.direct(offset, offset + length, self.cache)
+        extent = self.cache.direct(offset, length)
         if extent is None:
             return None
         self._reads += 1
