@@ -31,7 +31,7 @@ from pyfuse3 import FileHandleT, FileNameT, InodeT
 from vhdfs.disk.partitions import PartitionTable
 from vhdfs.disk.virtual import VirtualDisk
 from vhdfs.format.partition_table import Partition
-from vhdfs.fuse.errno_map import fuse_errors
+from vhdfs.fuse.errno_map import fuse_errors, raise_fuse_error
 
 #: The tree never changes, so the kernel may cache names and attributes for long.
 _TIMEOUT = 3600.0
@@ -256,7 +256,7 @@ class VhdfsOperations(pyfuse3.Operations):
 
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
         """Read from the virtual disk (or a window of it)."""
-        with fuse_errors("read"):
+        try:
             raw = self.files.get(fh)
             if raw is not None:
                 # Any contiguous buffer is a valid reply; the stub says bytes.
@@ -264,10 +264,12 @@ class VhdfsOperations(pyfuse3.Operations):
             window = self._window(fh)
             size = max(0, min(size, window.size - off))
             return await window.disk.read(window.start + off, size)  # type: ignore[return-value]
+        except Exception as exc:
+            raise_fuse_error("read", exc)
 
     async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
         """Write to the virtual disk (acknowledged once held by the write-back layer)."""
-        with fuse_errors("write"):
+        try:
             raw = self.files.get(fh)
             if raw is not None:
                 return await raw.disk.write(off, buf)
@@ -276,6 +278,8 @@ class VhdfsOperations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOSPC)
             view = memoryview(buf)[: window.size - off]
             return await window.disk.write(window.start + off, view)
+        except Exception as exc:
+            raise_fuse_error("write", exc)
 
     def _window(self, fh: int) -> _Window:
         try:
