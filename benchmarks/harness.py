@@ -1,47 +1,101 @@
-"""Side-by-side fio runs against vhdfs, qemu-storage-daemon's FUSE export, and the zerofs ceiling.
+"""The parts of the benchmark: FUSE daemons started and stopped by PID, fio runs, and meters.
 
-Every target is started as a foreground process this script owns (by PID) and stopped the
-same way. Rounds are interleaved (target order rotates each round) because a machine shared
-with other work drifts by tens of percent between runs; results are medians with min-max over
-rounds.
+Every target is a foreground process this module starts and stops itself (by PID): vhdfs,
+qemu-storage-daemon's FUSE export, and zerofs (the ceiling of pyfuse3 + trio + kernel FUSE).
+While a job runs, the daemon's CPU time (``/proc/PID/stat``, all threads) and its peak resident
+memory (``VmHWM`` in ``/proc/PID/status``, reset before each job through ``clear_refs``) are
+recorded beside fio's figure.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 VENV_BIN = Path(sys.executable).parent
+_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def is_mounted(path: str) -> bool:
+    """True when something is mounted at ``path``."""
     target = os.path.realpath(path)
     with open("/proc/self/mountinfo") as f:
         return any(line.split()[4] == target for line in f)
 
 
 def drop_caches() -> None:
+    """Empty the host page cache (the image files and every FUSE file's cached pages)."""
     os.sync()
     with open("/proc/sys/vm/drop_caches", "w") as f:
         f.write("3\n")
 
 
+def warm_up(path: Path | str) -> None:
+    """Read ``path`` once so the host page cache holds it."""
+    with open(path, "rb") as f:
+        while f.read(8 << 20):
+            pass
+
+
 def need(tool: str, package: str) -> None:
+    """Exit with the package to install when ``tool`` is missing."""
     if shutil.which(tool) is None:
         sys.exit(f"benchmark: {tool} not found; apt-get install {package}")
+
+
+def workdir() -> Path:
+    """A fresh folder under ``$VHDFS_BENCH_DIR`` (default /var/tmp/vhdfs-bench)."""
+    return Path(tempfile.mkdtemp(dir=cache_dir()))
+
+
+def cache_dir() -> Path:
+    """Where built images are kept between runs."""
+    base = Path(os.environ.get("VHDFS_BENCH_DIR", "/var/tmp/vhdfs-bench"))
+    base.mkdir(parents=True, exist_ok=True)
+    return base
+
+
+class Meter:
+    """CPU seconds and peak RSS of one process, over an interval."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._cpu = 0.0
+
+    def start(self) -> None:
+        """Reset the peak RSS and note the CPU time so far."""
+        with open(f"/proc/{self.pid}/clear_refs", "w") as f:
+            f.write("5\n")  # resets VmHWM to the current RSS
+        self._cpu = self.cpu_seconds()
+
+    def cpu_seconds(self) -> float:
+        """User plus system time of every thread of the process so far."""
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / _TICKS
+
+    def stop(self) -> tuple[float, int]:
+        """CPU seconds since ``start`` and the peak RSS in bytes since then."""
+        cpu = self.cpu_seconds() - self._cpu
+        return cpu, self.peak_rss()
+
+    def peak_rss(self) -> int:
+        """``VmHWM`` in bytes."""
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError(f"no VmHWM for {self.pid}")
 
 
 class Target:
@@ -55,24 +109,34 @@ class Target:
         self.raw = ""
 
     def argv(self, image: Path) -> tuple[list[str], str]:
+        """The command line serving ``image``, and the path of the raw file it shows."""
         raise NotImplementedError
 
+    def mountpoint(self) -> str:
+        """Where the daemon mounts (the raw file itself unless overridden)."""
+        return self.raw
+
     def start(self, image: Path) -> str:
+        """Start serving ``image``; return the raw file's path once it is mounted."""
         argv, self.raw = self.argv(image)
         mountpoint = self.mountpoint()
         self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 60
         while not is_mounted(mountpoint):
             if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()
                 err = self.process.communicate(timeout=10)[1].decode()
                 raise RuntimeError(f"{self.name} did not mount: {err}")
-            time.sleep(0.02)
+            time.sleep(0.005)
         return self.raw
 
-    def mountpoint(self) -> str:
-        return self.raw
+    def meter(self) -> Meter:
+        """A meter of the daemon process."""
+        assert self.process is not None
+        return Meter(self.process.pid)
 
     def stop(self) -> None:
+        """Stop the daemon by its PID (SIGTERM, then SIGKILL after a minute)."""
         assert self.process is not None
         self.process.send_signal(signal.SIGTERM)
         try:
@@ -86,14 +150,15 @@ class Target:
 
 
 class Vhdfs(Target):
-    name = "vhdfs"
+    """vhdfs, mounting the image on a folder."""
 
-    def __init__(self, workdir: Path, options: list[str]) -> None:
+    def __init__(self, workdir: Path, options: list[str], name: str = "vhdfs") -> None:
         super().__init__(workdir)
         self.options = options
+        self.name = name
 
     def argv(self, image: Path) -> tuple[list[str], str]:
-        mnt = self.workdir / "vhdfs-mnt"
+        mnt = self.workdir / f"{self.name}-mnt"
         mnt.mkdir(exist_ok=True)
         argv = [str(VENV_BIN / "vhdfs"), "-f"]
         for option in self.options:
@@ -101,10 +166,12 @@ class Vhdfs(Target):
         return [*argv, str(image), str(mnt)], str(mnt / (image.stem + ".raw"))
 
     def mountpoint(self) -> str:
-        return str(self.workdir / "vhdfs-mnt")
+        return str(self.workdir / f"{self.name}-mnt")
 
 
 class Qsd(Target):
+    """qemu-storage-daemon's FUSE export of the image (its vpc driver, host page cache on)."""
+
     name = "qsd"
 
     def __init__(self, workdir: Path, writable: bool) -> None:
@@ -128,16 +195,21 @@ class Qsd(Target):
 
 
 class ZeroFs(Target):
-    name = "zerofs"
+    """The stack's ceiling: zeros from memory, or (``pread``) the image's bytes at ``offset``."""
 
-    def __init__(self, workdir: Path, size: int) -> None:
+    def __init__(self, workdir: Path, size: int, pread_offset: int | None = None) -> None:
         super().__init__(workdir)
         self.size = size
+        self.pread_offset = pread_offset
+        self.name = "zerofs" if pread_offset is None else "zerofs+pread"
 
     def argv(self, image: Path) -> tuple[list[str], str]:
-        raw = self.workdir / "zerofs.raw"
+        raw = self.workdir / f"{self.name}.raw"
         raw.touch()
-        return [sys.executable, str(BENCH_DIR / "zerofs.py"), str(self.size), str(raw)], str(raw)
+        argv = [sys.executable, str(BENCH_DIR / "zerofs.py"), str(self.size), str(raw)]
+        if self.pread_offset is not None:
+            argv += ["--pread", str(image), str(self.pread_offset)]
+        return argv, str(raw)
 
 
 @dataclass(frozen=True)
@@ -150,111 +222,49 @@ class Job:
     direction: str = "read"
     cold: bool = False  # drop the page cache first
     warm: bool = False  # read the image into the host page cache first
+    primed: bool = False  # read the raw file once first (its FUSE page cache stays)
 
 
-def run_fio(path: str, job: Job) -> float:
+@dataclass(frozen=True)
+class Sample:
+    """What one job measured on one target."""
+
+    value: float
+    cpu_per_gib: float
+    peak_rss: int
+
+
+def run_fio(path: str, job: Job) -> tuple[float, int]:
+    """Run ``job`` on ``path``; return its figure and the bytes it moved."""
     result = subprocess.run(
-        ["fio", "--name=bench", f"--filename={path}", "--output-format=json", *job.args],
+        [
+            "fio",
+            "--name=bench",
+            f"--filename={path}",
+            "--output-format=json",
+            "--group_reporting",
+            *job.args,
+        ],
         capture_output=True,
         text=True,
         check=True,
     )
     # fio prints notes before the JSON when it runs jobs; keep only the JSON document.
     stats = json.loads(result.stdout[result.stdout.index("{") :])["jobs"][0][job.direction]
-    return stats["bw_bytes"] / (1 << 20) if job.metric == "MiB/s" else stats["iops"]
+    value = stats["bw_bytes"] / (1 << 20) if job.metric == "MiB/s" else stats["iops"]
+    return value, stats["io_bytes"]
 
 
-@dataclass
-class Results:
-    values: dict[tuple[str, str], list[float]] = field(default_factory=dict)
-
-    def add(self, target: str, job: str, value: float) -> None:
-        self.values.setdefault((target, job), []).append(value)
-
-    def cell(self, target: str, job: str) -> str:
-        values = self.values.get((target, job))
-        if not values:
-            return "-"
-        return f"{statistics.median(values):9.0f} [{min(values):.0f}-{max(values):.0f}]"
-
-    def ratio(self, a: str, b: str, job: str) -> str:
-        va, vb = self.values.get((a, job)), self.values.get((b, job))
-        if not va or not vb:
-            return "-"
-        return f"{statistics.median(va) / statistics.median(vb):.2f}"
-
-
-def warm_up(image: Path) -> None:
-    """Read ``image`` once so the host page cache holds it."""
-    with open(image, "rb") as f:
-        while f.read(8 << 20):
-            pass
-
-
-def run_rounds(
-    image_for: dict[str, Path],
-    targets: list[Target],
-    jobs: list[Job],
-    rounds: int,
-    prepare: Callable[[Target], Path] | None = None,
-) -> Results:
-    """Run every job on every target, ``rounds`` times, rotating the target order.
-
-    ``prepare``, when given, returns a fresh image for a target before each of its rounds
-    (write benchmarks start every round from the same unwritten image).
-    """
-    results = Results()
-    for round_no in range(rounds):
-        order = targets[round_no % len(targets) :] + targets[: round_no % len(targets)]
-        for target in order:
-            image = prepare(target) if prepare else image_for[target.name]
-            path = target.start(image)
-            try:
-                for job in jobs:
-                    if job.cold:
-                        drop_caches()
-                    if job.warm:
-                        warm_up(image)
-                    value = run_fio(path, job)
-                    results.add(target.name, job.name, value)
-                    print(
-                        f"  round {round_no + 1}/{rounds} {target.name:7} {job.name:24} "
-                        f"{value:10.1f} {job.metric}",
-                        flush=True,
-                    )
-            finally:
-                target.stop()
-    return results
-
-
-def print_table(results: Results, targets: list[Target], jobs: list[Job], base: str) -> None:
-    names = [t.name for t in targets]
-    others = [n for n in names if n != base]
-    header = f"{'job':28}" + "".join(f"{n:>22}" for n in names)
-    header += "".join(f"{base + '/' + o:>14}" for o in others)
-    print()
-    print("median [min-max] over rounds")
-    print(header)
-    for job in jobs:
-        row = f"{job.name + ' ' + job.metric:28}"
-        row += "".join(f"{results.cell(n, job.name):>22}" for n in names)
-        row += "".join(f"{results.ratio(base, o, job.name):>14}" for o in others)
-        print(row)
-
-
-def parse_args(description: str, runtime_help: str) -> argparse.Namespace:
-    """The options every benchmark takes; exits early if a tool it needs is missing."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--runtime", type=int, default=5, help=runtime_help)
-    parser.add_argument("-o", dest="options", action="append", default=[], help="vhdfs -o option")
-    args = parser.parse_args()
-    need("fio", "fio")
-    need("qemu-storage-daemon", "qemu-system-common")
-    return args
-
-
-def workdir() -> Path:
-    base = Path(os.environ.get("VHDFS_BENCH_DIR", "/var/tmp/vhdfs-bench"))
-    base.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=base))
+def measure(target: Target, path: str, image: Path, job: Job) -> Sample:
+    """Run ``job`` against the mounted ``target``, with its meters."""
+    if job.cold:
+        drop_caches()
+    if job.warm:
+        warm_up(image)
+    if job.primed:
+        warm_up(path)
+    meter = target.meter()
+    meter.start()
+    value, moved = run_fio(path, job)
+    cpu, peak = meter.stop()
+    return Sample(value, cpu / max(moved / (1 << 30), 1e-9), peak)

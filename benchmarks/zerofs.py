@@ -4,7 +4,11 @@ It answers reads from memory with the same mount options vhdfs uses, so the gap 
 vhdfs is what the image layer costs, and the gap between it and a C daemon is what pyfuse3,
 trio and Python cost.
 
-    python benchmarks/zerofs.py SIZE MOUNTPOINT     (foreground; Ctrl-C or fusermount3 -u)
+    python benchmarks/zerofs.py SIZE MOUNTPOINT [--pread FILE OFFSET]
+
+Foreground; stop it with SIGTERM. With ``--pread`` it answers each read with one ``os.pread``
+of FILE at OFFSET plus the request's offset instead (for a fixed-layout stretch of an image
+file that holds the data: the cost of the host read alone, with no mapping at all).
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ ZEROS = memoryview(bytes(1 << 20))
 
 
 class ZeroFS(pyfuse3.Operations):
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, fd: int | None, base: int) -> None:
         super().__init__()
         self.size = size
+        self.fd = fd
+        self.base = base
 
     async def getattr(self, inode, ctx=None):
         attr = pyfuse3.EntryAttributes()
@@ -43,6 +49,8 @@ class ZeroFS(pyfuse3.Operations):
 
     async def read(self, fh, off, size):
         size = max(0, min(size, self.size - off))
+        if self.fd is not None:
+            return os.pread(self.fd, size, self.base + off)
         return ZEROS[:size] if size <= len(ZEROS) else bytes(size)
 
     async def flush(self, fh):
@@ -67,8 +75,11 @@ async def serve() -> None:
 
 def main() -> None:
     size, mountpoint = int(sys.argv[1]), sys.argv[2]
+    fd, base = None, 0
+    if sys.argv[3:4] == ["--pread"]:
+        fd, base = os.open(sys.argv[4], os.O_RDONLY), int(sys.argv[5])
     options = set(pyfuse3.default_options) | {"ro", "fsname=zerofs", "subtype=zerofs"}
-    pyfuse3.init(ZeroFS(size), mountpoint, options)
+    pyfuse3.init(ZeroFS(size, fd, base), mountpoint, options)
     try:
         trio.run(serve)
     finally:
