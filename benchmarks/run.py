@@ -412,6 +412,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, help="rounds (default 5, --quick 2)")
     parser.add_argument("--runtime", type=int, help="seconds per timed job (default 4, quick 1)")
     parser.add_argument(
+        "--only",
+        choices=["reads", "writes", "chain"],
+        action="append",
+        help="run only these groups (repeatable; no scale checks)",
+    )
+    parser.add_argument(
         "-o", dest="options", action="append", default=[], help="extra vhdfs -o option (repeatable)"
     )
     args = parser.parse_args()
@@ -473,7 +479,14 @@ def main() -> None:
                 fresh_chain,
             )
         )
+        if args.only:
+            wanted = {"reads": groups[:1], "writes": groups[1:3], "chain": groups[3:]}
+            groups = [g for name in args.only for g in wanted[name]]
         results = run_rounds(groups, rounds)
+        if args.only:
+            for group in groups:
+                print_group(results, group, [("vhdfs", "qsd"), ("vhdfs", "zerofs")])
+            return
 
         summary: list[str] = []
         read_compare = [("vhdfs", "qsd"), ("vhdfs", "zerofs"), ("vhdfs", "zerofs+pread")]

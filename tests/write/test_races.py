@@ -116,3 +116,39 @@ async def test_a_failed_sync_fails_every_later_sync_and_write(tmp_path: Path) ->
         await disk.write(4096, pattern(2, 4096))
     disk.hostio.close()
     disk.chain.close()
+
+
+async def test_writes_in_place_never_pass_an_older_write_of_the_same_sectors(
+    tmp_path: Path,
+) -> None:
+    # Block 0 holds sectors 0-7. X goes to sectors 16-23 (bits clear: staged). Its flush sets
+    # the bits, then waits in the sync before writing X's data; Y, written meanwhile, finds
+    # the sectors present but X still in flight, and W, written after, finds Y still dirty.
+    # Had either gone in place, the older data written after it would win.
+    built = build_chain(tmp_path, 4 << 20, [Layer(block_size=512 << 10, writes=[(0, 8)])])
+    hostio = SlowSync()
+    disk = open_disk(str(built.leaf), DiskOptions(writeback=60), hostio=hostio)
+    x, y, w = pattern(1, 4096), pattern(2, 4096), pattern(3, 4096)
+    try:
+        assert disk.writeback is not None
+        await disk.write(8192, x)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(disk.flush, durable=False))
+            await hostio.syncing.wait()
+            assert disk.cache.direct(8192, 4096).layer == 0  # type: ignore[union-attr]
+            await disk.write(8192, y)
+            hostio.release.set()
+        await disk.write(8192, w)
+        assert disk.writeback.statistics().in_place_writes == 0
+        assert bytes(await disk.read(8192, 4096)) == w
+        await disk.flush(durable=True)
+        assert bytes(await disk.read(8192, 4096)) == w
+        await disk.write(8192, x)  # nothing older waits now: in place
+        assert disk.writeback.statistics().in_place_writes == 1
+    finally:
+        await disk.aclose()
+    check = open_disk(str(built.leaf), DiskOptions(read_only=True))
+    try:
+        assert bytes(await check.read(8192, 4096)) == x
+    finally:
+        await check.aclose()

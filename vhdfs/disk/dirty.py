@@ -47,12 +47,16 @@ class _Page:
     is a zero-filled bytearray of its own. ``mask`` has a bit per sector held.
     """
 
-    __slots__ = ("data", "mask", "owner")
+    __slots__ = ("data", "mask", "owner", "pos")
 
-    def __init__(self, data: memoryview | bytearray, mask: int, owner: object = None) -> None:
+    def __init__(
+        self, data: memoryview | bytearray, mask: int, owner: object = None, pos: int = 0
+    ) -> None:
         self.data = data
         self.mask = mask
         self.owner = owner
+        #: Where ``data`` starts in ``owner``: ``runs`` joins pages that continue each other.
+        self.pos = pos
 
 
 class DirtyPages:
@@ -100,23 +104,58 @@ class DirtyPages:
         write as a fresh ``bytes`` object, which nothing else holds).
         """
         view = memoryview(data)
+        end = offset + len(view)
+        first_full = -(-offset // PAGE)
+        last_full = end // PAGE  # exclusive
+        if first_full >= last_full:
+            self._store_partial(offset, view)
+            return
+        head = first_full * PAGE - offset
+        if head:
+            self._store_partial(offset, view[:head])
+        # Whole pages: views of the caller's buffer, which is held once for all of them.
         pages = self.pages
+        pos = head
+        for number in range(first_full, last_full):
+            old = pages.get(number)
+            if old is not None:
+                self._release(old)
+            pages[number] = _Page(view[pos : pos + PAGE], _FULL_MASK, data, pos)
+            pos += PAGE
+        entry = self._owners.get(id(data))
+        if entry is None:
+            self._owners[id(data)] = [data, last_full - first_full]
+            self.size += len(data)
+        else:
+            entry[1] += last_full - first_full  # type: ignore[operator]
+        if end > last_full * PAGE:
+            self._store_partial(last_full * PAGE, view[last_full * PAGE - offset :])
+
+    def _store_partial(self, offset: int, view: memoryview) -> None:
+        """Keep sectors that fill no page whole, each page's in a page of its own."""
         pos = 0
         while pos < len(view):
             page_no, within = divmod(offset + pos, PAGE)
             count = min(PAGE - within, len(view) - pos)
-            if count == PAGE:
-                self._hold(page_no, _Page(view[pos : pos + PAGE], _FULL_MASK, data))
-            else:
-                page = pages.get(page_no)
-                if page is None or page.owner is not None:
-                    own = _Page(bytearray(PAGE) if page is None else bytearray(page.data), 0)
-                    own.mask = 0 if page is None else page.mask
-                    self._hold(page_no, own)
-                    page = own
-                page.data[within : within + count] = view[pos : pos + count]
-                page.mask |= ((1 << (count // SECTOR)) - 1) << (within // SECTOR)
+            page = self.pages.get(page_no)
+            if page is None or page.owner is not None:
+                own = _Page(bytearray(PAGE) if page is None else bytearray(page.data), 0)
+                own.mask = 0 if page is None else page.mask
+                self._hold(page_no, own)
+                page = own
+            page.data[within : within + count] = view[pos : pos + count]
+            page.mask |= ((1 << (count // SECTOR)) - 1) << (within // SECTOR)
             pos += count
+
+    def overlaps(self, offset: int, length: int) -> bool:
+        """True when some page of ``[offset, offset + length)`` holds dirty sectors."""
+        pages = self.pages
+        if not pages:
+            return False
+        first, last = offset // PAGE, (offset + length - 1) // PAGE
+        if last - first >= len(pages):
+            return any(first <= page_no <= last for page_no in pages)
+        return any(page_no in pages for page_no in range(first, last + 1))
 
     def patches(self, offset: int, length: int) -> list[tuple[int, bytes]]:
         """Dirty sectors within ``[offset, offset + length)``, as ``(disk offset, bytes)``."""
@@ -140,9 +179,32 @@ class DirtyPages:
         run_start = -1
         run_end = -1
         parts: Chunks = []
+        # Whole pages that continue each other in one buffer become one chunk: a 1 MiB
+        # write is one chunk again, not 256.
+        owner: object = None
+        owner_start = owner_end = 0
         for page_no in sorted(self.pages):
             page = self.pages[page_no]
             base = page_no * PAGE
+            if base != run_end:
+                if owner is not None:
+                    parts.append(memoryview(owner)[owner_start:owner_end])  # type: ignore[arg-type]
+                    owner = None
+                if parts:
+                    yield run_start, parts
+                run_start, parts = base + _RUNS[page.mask][0][0] * SECTOR, []
+            if page.owner is not None:
+                if owner is page.owner and page.pos == owner_end:
+                    owner_end += PAGE
+                else:
+                    if owner is not None:
+                        parts.append(memoryview(owner)[owner_start:owner_end])  # type: ignore[arg-type]
+                    owner, owner_start, owner_end = page.owner, page.pos, page.pos + PAGE
+                run_end = base + PAGE
+                continue
+            if owner is not None:
+                parts.append(memoryview(owner)[owner_start:owner_end])  # type: ignore[arg-type]
+                owner = None
             view = memoryview(page.data)
             for first, count in _RUNS[page.mask]:
                 start = base + first * SECTOR
@@ -152,6 +214,8 @@ class DirtyPages:
                     run_start, parts = start, []
                 parts.append(view[first * SECTOR : (first + count) * SECTOR])
                 run_end = start + count * SECTOR
+        if owner is not None:
+            parts.append(memoryview(owner)[owner_start:owner_end])  # type: ignore[arg-type]
         if parts:
             yield run_start, parts
 

@@ -191,23 +191,45 @@ class VirtualDisk:
             )
         view = memoryview(data)[: self.size - offset]
         end = offset + len(view)
-        async with self._write_lock:
-            head = offset % SECTOR
-            tail = -end % SECTOR
-            if head or tail:
-                start, stop = offset - head, end + tail
-                sectors = bytearray(stop - start)
-                if head:
-                    sectors[:SECTOR] = await self.read(start, SECTOR)
-                if tail and (stop - SECTOR >= start + SECTOR or not head):
-                    sectors[-SECTOR:] = await self.read(stop - SECTOR, SECTOR)
-                sectors[head : head + len(view)] = view
-                await self.writeback.store(start, sectors)
-            else:
-                await self.writeback.store(offset, view)
+        head = offset % SECTOR
+        tail = -end % SECTOR
+        if head or tail or self._write_lock.locked():
+            # A partial sector is completed with what the disk holds now, over an await:
+            # no other write may store in between, or the completed sector would undo it.
+            async with self._write_lock:
+                if head or tail:
+                    start, stop = offset - head, end + tail
+                    sectors = bytearray(stop - start)
+                    if head:
+                        sectors[:SECTOR] = await self.read(start, SECTOR)
+                    if tail and (stop - SECTOR >= start + SECTOR or not head):
+                        sectors[-SECTOR:] = await self.read(stop - SECTOR, SECTOR)
+                    sectors[head : head + len(view)] = view
+                    await self._write_sectors(start, memoryview(sectors))
+                else:
+                    await self._write_sectors(offset, view)
+        else:
+            await self._write_sectors(offset, view)
         self._writes += 1
         self._bytes_written += len(view)
         return len(view)
+
+    async def _write_sectors(self, offset: int, view: memoryview) -> None:
+        """Write whole sectors: in place when the leaf holds them all already, else staged.
+
+        In place needs no order with anything (no metadata changes) as long as no older
+        write of the same sectors is still waiting (``WriteBack.can_write_in_place``).
+        """
+        assert self.writeback is not None
+        extent = self.cache.direct(offset, len(view))
+        if (
+            extent is not None
+            and extent.layer == 0
+            and self.writeback.can_write_in_place(offset, len(view))
+        ):
+            await self.writeback.write_in_place(extent.host, view)
+        else:
+            await self.writeback.store(offset, view)
 
     @property
     def write_generation(self) -> int:

@@ -9,6 +9,9 @@ crash leaves at each, is decided and documented in ``vhdfs.image.commit`` alone.
 When data reaches the image
 ===========================
 
+* At once, for a write whose sectors the leaf already holds and no older write of them waits
+  (``write_in_place``; ``vhdfs.image.commit`` says why that needs no order). It is synced by
+  the next ``fsync``, like flushed data.
 * ``fsync``/``fdatasync`` of the raw file: everything dirty, then the host file is synced.
 * ``close`` of the raw file (FUSE flush): everything dirty is written to the image file (not
   synced), so a program that closed the file has its data in the image even if the daemon is
@@ -81,6 +84,8 @@ class WriteBackStatistics:
     host_writes: int
     syncs: int
     allocations: int
+    #: Writes that went straight to the image (``write_in_place``).
+    in_place_writes: int
 
 
 def target_of(image: VhdImage) -> Target:
@@ -135,6 +140,7 @@ class WriteBack:
         self._host_writes = 0
         self._syncs = 0
         self._allocations = 0
+        self._in_place = 0
 
     @property
     def write_through(self) -> bool:
@@ -155,12 +161,45 @@ class WriteBack:
         if self.dirty.size > self.dirty_limit // 2:
             # Start writing out early, so that writers rarely have to wait below.
             self._pressure.set()
-        while self.dirty.size > self.dirty_limit:
+        # In-flight pages count too: they are held until their flush ends.
+        while self.dirty.size + self.inflight_size > self.dirty_limit:
             if self._error is not None:
                 raise self._error
             flushed = self._flushed
             self._pressure.set()
             await flushed.wait()
+
+    @property
+    def inflight_size(self) -> int:
+        """Bytes held by the pages of the flush under way."""
+        return self.inflight.size if self.inflight is not None else 0
+
+    def can_write_in_place(self, offset: int, length: int) -> bool:
+        """True when sectors ``[offset, offset + length)`` may go straight to the image.
+
+        That is when no older write of them waits in memory or in a flush, which would
+        otherwise land after the new one. The caller has checked that the leaf holds every
+        one of the sectors already (a fixed leaf, or an allocated block whose bitmap has
+        them), so writing them changes no metadata and needs no order.
+        """
+        if self._sync_failure is not None:
+            return False
+        if self.dirty.overlaps(offset, length):
+            return False
+        return self.inflight is None or not self.inflight.overlaps(offset, length)
+
+    async def write_in_place(self, host: int, data: memoryview) -> None:
+        """Write ``data`` at ``host`` in the leaf's file (see ``can_write_in_place``).
+
+        Acknowledged once in the host page cache, like a flushed write; the next durable
+        flush syncs it. Write-through syncs it before returning.
+        """
+        length = await self.hostio.write(self.image.file, host, [data])
+        self.cache.invalidate_data(0, host, host + length)
+        self._wrote()
+        self._in_place += 1
+        if self.write_through:
+            await self.flush(durable=True)
 
     def patches(self, offset: int, length: int) -> list[tuple[int, bytes]]:
         """Dirty sectors over ``[offset, offset + length)``, oldest first, for reads."""
@@ -298,11 +337,11 @@ class WriteBack:
 
     def statistics(self) -> WriteBackStatistics:
         """Current counters."""
-        dirty = self.dirty.size + (self.inflight.size if self.inflight else 0)
         return WriteBackStatistics(
-            dirty_bytes=dirty,
+            dirty_bytes=self.dirty.size + self.inflight_size,
             flushes=self._flushes,
             host_writes=self._host_writes,
             syncs=self._syncs,
             allocations=self._allocations,
+            in_place_writes=self._in_place,
         )

@@ -74,6 +74,15 @@ B2 ``alloc-block-written``       valid: the BAT does not reference the block yet
 
 Fixed images have no metadata: data is written in place (``flush-data-written``) and synced
 when durability is asked.
+
+Writes in place
+===============
+
+Step A needs no order with anything, so the write-back layer does it at once, without staging
+(``WriteBack.write_in_place``), for a write whose sectors the leaf already holds (a fixed
+image, or an allocated block with their bits set) — provided no older write of those sectors
+is still dirty or in a flush, which would otherwise land after it. Like step A it is durable
+at the next sync, which the next ``fsync`` makes.
 """
 
 from __future__ import annotations
