@@ -255,12 +255,18 @@ def run_fio(path: str, job: Job) -> tuple[float, int]:
     return value, stats["io_bytes"]
 
 
-def measure(target: Target, path: str, image: Path, job: Job) -> Sample:
-    """Run ``job`` against the mounted ``target``, with its meters."""
+def measure(
+    target: Target, path: str, image: Path, job: Job, parents: tuple[Path, ...] = ()
+) -> Sample:
+    """Run ``job`` against the mounted ``target``, with its meters.
+
+    ``parents`` are the other files of the image's chain, warmed with it.
+    """
     if job.cold:
         drop_caches()
     if job.warm:
-        warm_up(image)
+        for file in (image, *parents):
+            warm_up(file)
     if job.primed:
         warm_up(path)
     meter = target.meter()

@@ -75,6 +75,8 @@ class Group:
     image: Callable[[Target], Path]
     #: Targets that run only the jobs named here (the ceilings run only 4 KiB reads).
     only: dict[str, set[str]] = field(default_factory=dict)
+    #: The other files of the image's chain (warmed with it).
+    parents: tuple[Path, ...] = ()
 
 
 @dataclass
@@ -269,7 +271,7 @@ def run_rounds(groups: list[Group], rounds: int) -> Results:
                     for job in group.jobs:
                         if target.name in group.only and job.name not in group.only[target.name]:
                             continue
-                        sample = measure(target, path, image, job)
+                        sample = measure(target, path, image, job, group.parents)
                         results.add((group.title, target.name, job.name), sample)
                         print(
                             f"  round {round_no + 1}/{rounds}  {group.title:8} "
@@ -477,6 +479,7 @@ def main() -> None:
                 [Vhdfs(folder, args.options, name="vhdfs-d4")],
                 reads + writes,
                 fresh_chain,
+                parents=tuple(images["chain"].parent / f"layer{n}.vhd" for n in range(3)),
             )
         )
         if args.only:

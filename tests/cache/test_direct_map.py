@@ -36,9 +36,15 @@ def test_maps_each_block_to_the_layer_that_answers_it(tmp_path: Path) -> None:
         assert cache.direct(2 * BLOCK + 100, 50) == Extent(2 * BLOCK + 100, 50, None, 0)
         assert cache.direct(3 * BLOCK, 8 * SECTOR).layer == 0  # type: ignore[union-attr]
         assert cache.direct(3 * BLOCK + 4096, 512).layer == 1  # type: ignore[union-attr]
-        assert cache.direct(3 * BLOCK + 3072, 2048) is None  # leaf and base: general path
+        assert cache.direct(3 * BLOCK + 3072, 2048) is None  # leaf and base: not one extent
+        pieces = cache.map_read(3 * BLOCK + 3072, 2048)
+        assert pieces is not None
+        assert [(e.offset, e.length, e.layer) for e in pieces] == [
+            (3 * BLOCK + 3072, 1024, 0),
+            (3 * BLOCK + 4096, 1024, 1),
+        ]
         assert cache.direct(BLOCK - 512, 1024) is None  # crosses a block boundary
-        for offset in (0, 4096, BLOCK + 512, 2 * BLOCK, 3 * BLOCK + 8192):
+        for offset in (0, 4096, BLOCK + 512, 2 * BLOCK, 3 * BLOCK + 2048, 3 * BLOCK + 8192):
             data = trio.run(disk.read, offset, 4096)
             assert bytes(data) == bytes(built.expected[offset : offset + 4096])
     finally:

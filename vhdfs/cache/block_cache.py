@@ -22,10 +22,12 @@ costs a copy. So:
 * a read that was under way while the layer's file was written is not cached (the write
   epoch moved on): it may hold the old bytes.
 
-Beside them sits the direct map: for each leaf block read recently, the one extent that answers
-any read inside it (``Chain.direct`` run once over the whole block), so the commonest read costs
-one dict lookup. It holds at most ``DIRECT_MAP_LIMIT`` blocks and is kept right by the same
-calls that keep the metadata right (``set_bat_entry``, ``put_bitmap``, ``forget_metadata``).
+Beside them sits the direct map: for each leaf block read recently, the extents it reads as
+(``Chain.plan_read`` run once over the whole block: one extent for a block one layer holds
+whole, several in a chain whose layers share it), so a read inside one block costs a dict
+lookup and a bisect. It holds at most ``DIRECT_MAP_LIMIT`` extents and is kept right by the
+same calls that keep the metadata right (``set_bat_entry``, ``put_bitmap``,
+``forget_metadata``).
 
 Thread safety: used only from the trio thread, and no method awaits, so no lock is needed.
 """
@@ -33,6 +35,7 @@ Thread safety: used only from the trio thread, and no method awaits, so no lock 
 from __future__ import annotations
 
 from array import array
+from bisect import bisect_right
 from collections import OrderedDict
 from typing import Any, NamedTuple
 
@@ -54,8 +57,10 @@ DATA_CHUNK = 16 << 10
 #: Host runs longer than this bypass the data cache.
 CACHED_READ_LIMIT = 64 << 10
 
-#: Leaf blocks the direct map remembers (about 150 bytes each); when full it starts over.
+#: Extents the direct map holds at most (about 150 bytes each); when full it starts over.
 DIRECT_MAP_LIMIT = 1 << 15
+#: A block with more extents than this is not mapped (each read of it is planned instead).
+BLOCK_EXTENTS_LIMIT = 1024
 
 _BAT = 0
 _BITMAP = 1
@@ -63,10 +68,16 @@ _DATA = 2
 
 CacheKey = tuple[int, int, int]
 
-#: Direct-map value of a block no single layer answers whole: each read asks ``Chain.direct``.
-_MIXED: tuple[int | None, int] = (-1, 0)
-#: Direct-map value of a block that reads as zeros.
-_ZEROS: tuple[int | None, int] = (None, 0)
+
+class _BlockMap(NamedTuple):
+    """What one leaf block reads as: its extents in disk order, and where each starts."""
+
+    starts: list[int]
+    extents: list[Extent]
+
+
+#: Direct-map value of a block too fragmented to map (see ``_map_block``).
+_UNMAPPED = _BlockMap([], [])
 
 
 class DataRead(NamedTuple):
@@ -103,48 +114,79 @@ class BlockCache:
         # Bumped whenever a layer's file is written: a read that was waiting on the disk
         # while a write went in must not cache what it read (it may be the old bytes).
         self._data_epoch = [0] * len(chain.layers)
-        # Leaf block -> (layer, host offset minus disk offset), (None, 0) or _MIXED.
-        self._direct: dict[int, tuple[int | None, int]] = {}
+        self._direct: dict[int, _BlockMap] = {}
+        self._direct_extents = 0
         leaf = chain.leaf
         self._unit = 0 if leaf.kind == DiskType.FIXED else leaf.block_size
 
     # -- the direct map ------------------------------------------------------------------
 
-    def direct(self, offset: int, length: int) -> Extent | None:
-        """``Chain.direct`` for ``[offset, offset + length)``, from the direct map when it can."""
+    def map_read(self, offset: int, length: int) -> list[Extent] | None:
+        """The extents of a read inside one leaf block, from the direct map; else ``None``.
+
+        ``None`` for a fixed leaf too, whose reads ``direct`` maps without a map.
+        """
         unit = self._unit
-        index, within = divmod(offset, unit) if unit else (0, -1)
-        if within < 0 or within + length > unit:
-            return self.chain.direct(offset, offset + length, self)
+        if not unit:
+            return None
+        index, within = divmod(offset, unit)
+        if within + length > unit:
+            return None
         found = self._direct.get(index)
         if found is None:
             found = self._map_block(index)
-        if found is _MIXED:
-            return self.chain.direct(offset, offset + length, self)
-        layer, delta = found
-        return Extent(offset, length, layer, 0 if layer is None else offset + delta)
+        if found is _UNMAPPED:
+            return None
+        end = offset + length
+        extents = found.extents
+        i = bisect_right(found.starts, offset) - 1
+        first = extents[i]
+        if end <= first.offset + first.length:  # the commonest case: one extent
+            host = 0 if first.layer is None else first.host + offset - first.offset
+            return [Extent(offset, length, first.layer, host)]
+        out = []
+        while offset < end:
+            extent = extents[i]
+            stop = min(end, extent.offset + extent.length)
+            host = 0 if extent.layer is None else extent.host + offset - extent.offset
+            out.append(Extent(offset, stop - offset, extent.layer, host))
+            offset = stop
+            i += 1
+        return out
 
-    def _map_block(self, index: int) -> tuple[int | None, int]:
+    def direct(self, offset: int, length: int) -> Extent | None:
+        """The one extent of a read that one layer answers whole, or ``None``."""
+        if not self._unit:
+            return self.chain.direct(offset, offset + length, self)
+        extents = self.map_read(offset, length)
+        return extents[0] if extents is not None and len(extents) == 1 else None
+
+    def _map_block(self, index: int) -> _BlockMap:
         start = index * self._unit
         end = min(start + self._unit, self.chain.virtual_size)
-        extent = self.chain.direct(start, end, self)
-        if extent is None:
-            found = _MIXED
-        elif extent.layer is None:
-            found = _ZEROS
-        else:
-            found = (extent.layer, extent.host - start)
-        if len(self._direct) >= DIRECT_MAP_LIMIT:
+        extents = self.chain.plan_read(start, end - start, self)
+        if not extents or len(extents) > BLOCK_EXTENTS_LIMIT:
+            # A block fragmented this much (a huge block, sectors alternating between
+            # layers) is planned per read instead; it holds one entry here.
+            extents, found = [], _UNMAPPED
+        if self._direct_extents + len(extents) > DIRECT_MAP_LIMIT:
             self._direct.clear()
+            self._direct_extents = 0
+        if extents:
+            found = _BlockMap([extent.offset for extent in extents], extents)
         self._direct[index] = found
+        self._direct_extents += len(extents)
         return found
 
     def _unmap(self, layer: int, block: int) -> None:
         """Forget what the direct map knows that metadata of ``layer``'s ``block`` decided."""
         if layer == 0:
-            self._direct.pop(block, None)
-        else:
-            self._direct.clear()  # a parent's block sizes need not match the leaf's
+            gone = self._direct.pop(block, None)
+            if gone is not None:
+                self._direct_extents -= len(gone.extents)
+        else:  # a parent's block sizes need not match the leaf's
+            self._direct.clear()
+            self._direct_extents = 0
 
     # -- metadata (MetaSource) -----------------------------------------------------------
 
@@ -263,6 +305,7 @@ class BlockCache:
         """
         self._lru.discard_where(lambda key: key[0] == layer and key[1] != _DATA)
         self._direct.clear()
+        self._direct_extents = 0
 
     def invalidate_data(self, layer: int, start: int, end: int) -> None:
         """Forget cached data chunks overlapping ``[start, end)`` of the layer's file."""

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import pyfuse3
 import trio
 
+from vhdfs.daemon.allocator import tune_allocator
 from vhdfs.daemon.control import daemon_alive
 from vhdfs.daemon.daemonize import StartupPipe, detach
 from vhdfs.daemon.mounts import FSTYPE, mount_of, top_mount_at
@@ -249,6 +250,7 @@ def _serve(
             log_to_syslog(PROGRAM)
 
     context.on_ready = on_ready
+    tune_allocator()
     try:
         with _pidfile(pidfile):
             trio.run(serve, disks, context)

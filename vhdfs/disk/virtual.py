@@ -35,6 +35,7 @@ from vhdfs.disk.writeback import (
 from vhdfs.errors import HostIOError, ImageError, NoSpaceError, ReadOnlyError
 from vhdfs.format.layout import SECTOR
 from vhdfs.image.chain import Chain
+from vhdfs.image.extents import Extent
 
 _ZERO_BLOCK = bytes(1 << 20)
 _ZERO_VIEW = memoryview(_ZERO_BLOCK)
@@ -111,6 +112,8 @@ class VirtualDisk:
     async def read(self, offset: int, length: int) -> Buffer:
         """Up to ``length`` bytes at ``offset``; shorter only at the end of the disk."""
         length = max(0, min(length, self.size - offset))
+        if not length:
+            return b""
         direct = self._read_direct(offset, length)
         if direct is not None:
             return direct
@@ -134,23 +137,34 @@ class VirtualDisk:
         return b"".join(parts)
 
     def _read_direct(self, offset: int, length: int) -> Buffer | None:
-        """The commonest read, answered with one lookup and one ``pread``, or ``None``.
+        """The commonest read, answered from the direct map and ``pread``, or ``None``.
 
-        That is a read one layer answers whole (``BlockCache.direct``), with nothing written and
-        not yet in the image, host reads inline: no await, so nothing can change between the
-        lookup and the read. The data cache is passed by: a page-cache read costs about what a
-        hit does, and caching would cost a copy (docs/performance.md).
+        That is a read inside one leaf block (``BlockCache.map_read``: one extent when one
+        layer holds it whole, a few in a chain), with nothing written and not yet in the image,
+        host reads inline: no await, so nothing can change between the lookup and the reads.
+        The data cache is passed by: a page-cache read costs about what a hit does, and
+        caching would cost a copy (docs/performance.md).
         """
         writeback = self.writeback
         if writeback is not None and (writeback.dirty.pages or writeback.inflight is not None):
             return None
         if self.hostio.mode is not IoMode.INLINE:
             return None
-        extent = self.cache.direct(offset, length)
-        if extent is None:
-            return None
+        cache = self.cache
+        extents = cache.map_read(offset, length)
+        if extents is None:
+            extent = cache.direct(offset, length)  # a fixed leaf, or one layer by luck
+            if extent is None:
+                return None
+            extents = [extent]
         self._reads += 1
         self._bytes_read += length
+        if len(extents) == 1:
+            return self._pread(extents[0])
+        return b"".join([self._pread(extent) for extent in extents])
+
+    def _pread(self, extent: Extent) -> Buffer:
+        length = extent.length
         if extent.layer is None:
             return _ZERO_VIEW[:length] if length <= len(_ZERO_BLOCK) else bytes(length)
         file = self.chain.layers[extent.layer].file
