@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -16,7 +17,8 @@ from hypothesis import strategies as st
 from tests.support.files import tree_hashes
 from tests.support.images import BuiltChain, Layer, build_chain
 from tests.support.mounting import Mount, is_mounted, vhdfs_command
-from vhdfs.daemon.options import PASS_THROUGH_FLAGS
+from vhdfs.daemon.lifecycle import _open_disks
+from vhdfs.daemon.options import PASS_THROUGH_FLAGS, parse_mount_options
 from vhdfs.image.create import create_dynamic
 
 pytestmark = pytest.mark.fuse
@@ -54,6 +56,17 @@ def test_directory_mount_serves_each_image(
     assert st_raw.st_mode & 0o777 == 0o644  # the image's own bits: read-write by default
     assert m.stop() == 0
     assert not is_mounted(m.mountpoint)
+
+
+def test_images_of_one_mount_share_its_cache_and_dirty_limit(
+    tmp_path: Path, chain3: BuiltChain
+) -> None:
+    other = build_chain(tmp_path / "other", 2 * MiB, [Layer(writes=[(7, 9)])], seed=7)
+    options = parse_mount_options(["cache_size=64M,dirty_limit=32M"])
+    with contextlib.ExitStack() as stack:
+        disks = _open_disks([str(chain3.leaf), str(other.leaf)], options, stack)
+        assert [d.cache._lru.max_bytes for d in disks] == [32 * MiB, 32 * MiB]
+        assert [d.writeback.dirty_limit for d in disks if d.writeback] == [16 * MiB, 16 * MiB]
 
 
 def test_regular_file_mountpoint(

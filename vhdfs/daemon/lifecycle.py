@@ -16,15 +16,17 @@ import os
 import re
 import stat
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pyfuse3
 import trio
 
+from vhdfs.cache.block_cache import MIN_CACHE_SIZE
 from vhdfs.daemon.allocator import tune_allocator
 from vhdfs.daemon.control import daemon_alive
 from vhdfs.daemon.daemonize import StartupPipe, detach
 from vhdfs.daemon.mounts import FSTYPE, mount_of, top_mount_at
-from vhdfs.daemon.options import FuseBytes, MountOptions, escape_fuse_value
+from vhdfs.daemon.options import MIN_DIRTY_LIMIT, FuseBytes, MountOptions, escape_fuse_value
 from vhdfs.daemon.pidfile import check_pidfile, remove_pidfile, write_pidfile
 from vhdfs.daemon.serve import ServeContext, serve
 from vhdfs.disk.partitions import PartitionTable
@@ -169,9 +171,15 @@ def _open_disks(
 ) -> list[VirtualDisk]:
     """Open every disk (the overlay's, with ``overlay=``); ``stack`` undoes it all."""
     if options.overlay is None:
-        return [_open(os.path.abspath(image), options.disk, stack) for image in images]
+        # cache_size and dirty_limit are the mount's: its images share them evenly.
+        share = replace(
+            options.disk,
+            cache_size=max(MIN_CACHE_SIZE, options.disk.cache_size // len(images)),
+            dirty_limit=max(MIN_DIRTY_LIMIT, options.disk.dirty_limit // len(images)),
+        )
+        return [_open(os.path.abspath(image), share, stack) for image in images]
     overlay = _prepare_overlay(images, options, stack)
-    disk_options = DiskOptions(**{**vars(options.disk), "explicit_rw": True})
+    disk_options = replace(options.disk, explicit_rw=True)
     disk = _open(overlay, disk_options, stack)
     image = os.path.abspath(images[0])
     layers = disk.chain.layers
