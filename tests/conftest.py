@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import lzma
 import os
 import shutil
@@ -12,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.mounting import Mount
+from tests.support.mounting import Mount, become_subreaper
 
 
 def _corpus_dir() -> Path:
@@ -23,7 +22,6 @@ def _corpus_dir() -> Path:
 
 
 CORPUS = _corpus_dir()
-PR_SET_CHILD_SUBREAPER = 36
 
 
 def _fuse_problem() -> str | None:
@@ -39,8 +37,7 @@ def _fuse_problem() -> str | None:
 def pytest_configure(config: pytest.Config) -> None:
     # Daemonized vhdfs processes are orphaned by their parent; as a subreaper this test
     # process inherits them, so fixtures can wait for exactly the PID they started.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    become_subreaper()
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

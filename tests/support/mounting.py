@@ -13,6 +13,7 @@ the original failure is reported.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
@@ -22,6 +23,16 @@ from collections.abc import Sequence
 
 VHDFS = os.path.join(os.path.dirname(sys.executable), "vhdfs")
 VHD = os.path.join(os.path.dirname(sys.executable), "vhd")
+
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> None:
+    """Inherit orphaned daemons: a daemonized vhdfs then stays our child, so its PID can be
+    waited for and its exit status collected."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
 def vhdfs_command() -> list[str]:

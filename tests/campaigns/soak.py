@@ -1,0 +1,169 @@
+"""The soak: fio with verification over a depth-3 chain for half an hour, remounting often.
+
+    .venv/bin/python -m tests.campaigns.soak [--minutes 30] [--phase-mib 64]
+
+Each phase mounts the chain's leaf read-write and runs fio: 4 jobs, each on its own quarter of
+the disk with its own block size (4, 16, 64, 128 KiB), mixing random reads and writes with an
+fsync every 16 writes, every block written checked (``verify=crc32c`` with
+``verify_backlog``). Then it unmounts, checks the image with ``vhd check``, remounts, and has
+fio verify the phase's data again (``verify_only``): what was written must survive the
+remount. The daemon's RSS is sampled five times a second. Prints one line per phase and a
+summary; exits 1 on any mismatch, fio error, finding or an RSS that grew by more than 32 MiB
+from the first phase to the last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from tests.support.images import Layer, build_chain
+from tests.support.mounting import Mount, become_subreaper, vhd_command
+
+MiB = 1 << 20
+SIZE = 1024 * MiB
+
+
+class RssSampler(threading.Thread):
+    """Samples ``VmRSS`` of one process five times a second until stopped."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.samples: list[int] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            try:
+                with open(f"/proc/{self.pid}/status") as f:
+                    for line in f:
+                        if line.startswith("VmRSS:"):
+                            self.samples.append(int(line.split()[1]) * 1024)
+            except FileNotFoundError:
+                return
+            if self.done.wait(0.2):
+                return
+
+
+def fio(raw: str, seed: int, phase_bytes: int, verify_only: bool) -> dict[str, int]:
+    """One fio run over ``raw``; its bytes read, written and errors."""
+    # One block size per job: with mixed sizes random blocks overlap, and a block overwritten
+    # by a later, larger one can no longer be verified after the remount.
+    argv = [
+        "fio",
+        f"--filename={raw}",
+        f"--size={phase_bytes // 4}",
+        "--rw=randrw",
+        "--rwmixread=40",
+        "--ioengine=psync",
+        "--fsync=16",
+        "--verify=crc32c",
+        "--verify_backlog=64",
+        f"--randseed={seed}",
+        "--group_reporting",
+        "--output-format=json",
+    ]
+    for job, block in enumerate(("4k", "16k", "64k", "128k")):
+        argv += [f"--name=soak{job}", f"--bs={block}", f"--offset={job * SIZE // 4}"]
+    if verify_only:
+        argv.append("--verify_only")
+    result = subprocess.run(argv, capture_output=True, text=True)
+    report = json.loads(result.stdout[result.stdout.index("{") :]) if "{" in result.stdout else {}
+    job = report.get("jobs", [{}])[0]
+    errors = int(job.get("error", 0)) + (result.returncode != 0)
+    if errors:
+        print(result.stderr.strip()[-2000:], file=sys.stderr)
+    return {
+        "read": int(job.get("read", {}).get("io_bytes", 0)),
+        "written": int(job.get("write", {}).get("io_bytes", 0)),
+        "errors": errors,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=30)
+    parser.add_argument("--phase-mib", type=int, default=64, help="data each phase writes")
+    args = parser.parse_args()
+    become_subreaper()
+    folder = Path(tempfile.mkdtemp(prefix="vhdfs-soak-"))
+    started = time.monotonic()
+    totals = {"read": 0, "written": 0, "errors": 0, "phases": 0, "findings": 0}
+    peaks: list[int] = []
+    try:
+        built = build_chain(
+            folder / "chain",
+            SIZE,
+            [
+                Layer(writes=[(0, 65536), (600_000, 40_000)]),
+                Layer(writes=[(30_000, 60_000), (1_000_000, 80_000)]),
+                Layer(block_size=512 << 10),
+            ],
+        )
+        leaf = built.leaf
+        deadline = started + args.minutes * 60
+        phase = 0
+        while time.monotonic() < deadline:
+            phase += 1
+            figures = {"read": 0, "written": 0, "errors": 0}
+            for verify_only in (False, True):
+                mountpoint = folder / f"mnt{phase}{'v' if verify_only else 'w'}"
+                mountpoint.mkdir()
+                m = Mount([str(leaf)], str(mountpoint), foreground=True).start()
+                assert m.pid is not None
+                sampler = RssSampler(m.pid)
+                sampler.start()
+                try:
+                    run = fio(m.raw(leaf.stem + ".raw"), phase, args.phase_mib * MiB, verify_only)
+                finally:
+                    sampler.done.set()
+                    status = m.stop()
+                    m.cleanup()
+                figures["read"] += run["read"]
+                figures["errors"] += run["errors"]
+                if not verify_only:  # a verify_only run counts the writes it only pretends
+                    figures["written"] += run["written"]
+                figures["errors"] += status != 0
+                peaks.append(max(sampler.samples, default=0))
+            check = subprocess.run(
+                [*vhd_command(), "check", "--json", str(leaf)], capture_output=True, text=True
+            )
+            findings = len(json.loads(check.stdout)["findings"])
+            totals["findings"] += findings + (check.returncode != 0)
+            for key in ("read", "written", "errors"):
+                totals[key] += figures[key]
+            totals["phases"] = phase
+            print(
+                f"phase {phase}: wrote {figures['written'] / MiB:.0f} MiB, read "
+                f"{figures['read'] / MiB:.0f} MiB (each written block verified twice), "
+                f"errors {figures['errors']}, vhd check findings {findings}, "
+                f"daemon peak RSS {peaks[-1] / MiB:.0f} MiB, "
+                f"{time.monotonic() - started:.0f} s",
+                flush=True,
+            )
+            if figures["errors"] or findings:
+                break
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    growth = (max(peaks[-2:]) - max(peaks[:2])) / MiB if peaks else 0.0
+    print(
+        f"soak: {totals['phases']} phases in {(time.monotonic() - started) / 60:.1f} min over a "
+        f"depth-3 chain, {totals['written'] / MiB:.0f} MiB written, {totals['read'] / MiB:.0f} "
+        f"MiB read, {totals['errors']} errors, {totals['findings']} findings, "
+        f"daemon peak RSS {min(peaks, default=0) / MiB:.0f}-{max(peaks, default=0) / MiB:.0f} "
+        f"MiB (last phase vs first: {growth:+.0f} MiB)"
+    )
+    failed = totals["errors"] or totals["findings"] or growth > 32
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
