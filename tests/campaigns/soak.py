@@ -67,6 +67,7 @@ def fio(raw: str, seed: int, phase_bytes: int, verify_only: bool) -> dict[str, i
         "--fsync=16",
         "--verify=crc32c",
         "--verify_backlog=64",
+        "--verify_state_save=0",  # no state files left in the working directory
         f"--randseed={seed}",
         "--group_reporting",
         "--output-format=json",
