@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from tests.campaigns import stop_cleanly_on_signals
 from tests.support.crashes import kill_under_load
 from tests.support.mounting import Mount, become_subreaper
 
@@ -58,6 +59,7 @@ def main() -> int:
     parser.add_argument("--keep", type=Path, default=Path("/var/tmp/vhdfs-crash-failures"))
     args = parser.parse_args()
     become_subreaper()
+    stop_cleanly_on_signals()
     started = time.monotonic()
     failures: list[int] = []
     acknowledged = 0

@@ -1,6 +1,6 @@
-"""The soak: fio with verification over a depth-3 chain for half an hour, remounting often.
+"""The soak: fio with verification over a depth-3 chain for half an hour, remounting each phase.
 
-    .venv/bin/python -m tests.campaigns.soak [--minutes 30] [--phase-mib 64]
+    .venv/bin/python -m tests.campaigns.soak [--minutes 30] [--phase-mib 1024]
 
 Each phase mounts the chain's leaf read-write and runs fio: 4 jobs, each on its own quarter of
 the disk with its own block size (4, 16, 64, 128 KiB), mixing random reads and writes with an
@@ -24,6 +24,7 @@ import threading
 import time
 from pathlib import Path
 
+from tests.campaigns import stop_cleanly_on_signals
 from tests.support.images import Layer, build_chain
 from tests.support.mounting import Mount, become_subreaper, vhd_command
 
@@ -92,9 +93,17 @@ def fio(raw: str, seed: int, phase_bytes: int, verify_only: bool) -> dict[str, i
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=30)
-    parser.add_argument("--phase-mib", type=int, default=64, help="data each phase writes")
+    parser.add_argument(
+        "--phase-mib",
+        type=int,
+        default=1024,
+        help="data each phase covers (1024, the whole disk: a phase lasts a minute or two)",
+    )
     args = parser.parse_args()
+    if not 0 < args.phase_mib * MiB <= SIZE:
+        parser.error(f"--phase-mib must be 1 to {SIZE // MiB}: each job covers a quarter at most")
     become_subreaper()
+    stop_cleanly_on_signals()
     folder = Path(tempfile.mkdtemp(prefix="vhdfs-soak-"))
     started = time.monotonic()
     totals = {"read": 0, "written": 0, "errors": 0, "phases": 0, "findings": 0}
@@ -124,9 +133,9 @@ def main() -> int:
                 sampler.start()
                 try:
                     run = fio(m.raw(leaf.stem + ".raw"), phase, args.phase_mib * MiB, verify_only)
+                    status = m.stop()
                 finally:
                     sampler.done.set()
-                    status = m.stop()
                     m.cleanup()
                 figures["read"] += run["read"]
                 figures["errors"] += run["errors"]
