@@ -94,7 +94,8 @@ def test_crash_inside_a_flush(
         options=["writeback=3600"],
         env={"VHDFS_CRASH_AT": f"{point}:{count}"},
     )
-    # Everything stays dirty in memory until the fsync, whose flush meets the crash point.
+    # Writes into new blocks stay in memory until the fsync, whose flush meets the crash point
+    # (writes of sectors the image already holds go straight in).
     fd = os.open(crashing.raw(image.stem + ".raw"), os.O_WRONLY)
     _write(fd, [*PHASE2, PHASE2_UNALIGNED], 20, model)
     with pytest.raises(OSError, match=r"Software caused connection abort|not connected"):
