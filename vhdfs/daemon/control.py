@@ -1,8 +1,14 @@
 """The control socket of a mount, and ``vhdfs -u``: an unmount that waits for the daemon.
 
-Each daemon listens on an abstract Unix socket named after its mount's device number
-(``vhdfs/0:53``), which anyone can find in /proc/self/mountinfo without touching the mount.
-Only root and the user the daemon runs as may use it (checked with ``SO_PEERCRED``).
+Each daemon listens on an abstract Unix socket named after its mount's device number and
+mountpoint (``vhdfs/0:53/`` and a hash of the path), which anyone can find in
+/proc/self/mountinfo without touching the mount. Only root and the user the daemon runs as may
+use it (checked with ``SO_PEERCRED``).
+
+A device number is free for the next mount as soon as the kernel has unmounted, while the
+daemon may still be writing out and holding its socket: the mountpoint in the name keeps a new
+mount elsewhere from meeting the old daemon, and a new daemon that still finds its name taken
+(the same device number at the same place) keeps serving and binds once the old one is gone.
 
 The protocol is one request line, ``unmount``, and reply lines of tab-separated fields:
 
@@ -18,6 +24,9 @@ The client learns the daemon's PID from the socket and waits for that process to
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
+import logging
 import os
 import select
 import socket
@@ -32,12 +41,19 @@ from vhdfs.daemon.mounts import FSTYPE, MountEntry, top_mount_at
 from vhdfs.daemon.shutdown import StopOutcome
 from vhdfs.errors import ExitCode, MountError, UsageError
 
+log = logging.getLogger(__name__)
+
 _CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
-def socket_name(device: str) -> str:
-    """The abstract socket address of the mount with device number ``device``."""
-    return f"\0vhdfs/{device}"
+#: Seconds between attempts to bind a name an exiting daemon still holds.
+BIND_RETRY = 0.5
+
+
+def socket_name(device: str, mountpoint: str) -> str:
+    """The abstract socket address of the mount of device ``device`` at ``mountpoint``."""
+    digest = hashlib.sha256(os.fsencode(mountpoint)).hexdigest()[:24]
+    return f"\0vhdfs/{device}/{digest}"
 
 
 def _peer(sock: socket.socket | trio.socket.SocketType) -> tuple[int, int]:
@@ -57,21 +73,49 @@ class ControlServer:
     them the exit status first.
     """
 
-    def __init__(self, device: str, on_unmount: StopHandler) -> None:
-        self.device = device
+    def __init__(self, device: str, mountpoint: str, on_unmount: StopHandler) -> None:
+        self.name = socket_name(device, mountpoint)
+        self.mountpoint = mountpoint
         self.on_unmount = on_unmount
         self._waiting: list[trio.socket.SocketType] = []
 
     async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen and handle connections until cancelled."""
-        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        await listener.bind(socket_name(self.device))
-        listener.listen(4)
-        task_status.started()
-        async with trio.open_nursery() as nursery:
-            while True:
-                connection, _ = await listener.accept()
-                nursery.start_soon(self._handle, connection)
+        """Listen and handle connections until cancelled.
+
+        Started once listening, or once the name turned out to be held by an exiting daemon
+        (binding is then retried while the mount is served: it never fails the mount).
+        """
+        # ``with``: the name is released the moment serving ends, not when the process exits.
+        with trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+            await self._bind(listener, task_status)
+            listener.listen(4)
+            async with trio.open_nursery() as nursery:
+                while True:
+                    connection, _ = await listener.accept()
+                    nursery.start_soon(self._handle, connection)
+
+    async def _bind(
+        self, listener: trio.socket.SocketType, task_status: trio.TaskStatus[None]
+    ) -> None:
+        started = False
+        while True:
+            try:
+                await listener.bind(self.name)
+                break
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+            if not started:
+                log.warning(
+                    "%s: the daemon of an earlier mount here is still exiting; vhdfs -u "
+                    "works once it is gone",
+                    self.mountpoint,
+                )
+                task_status.started()
+                started = True
+            await trio.sleep(BIND_RETRY)
+        if not started:
+            task_status.started()
 
     async def _handle(self, connection: trio.socket.SocketType) -> None:
         _, uid = _peer(connection)
@@ -120,7 +164,7 @@ def daemon_alive(entry: MountEntry) -> bool:
     """Whether the daemon of a vhdfs mount still runs (its control socket answers)."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        probe.connect(socket_name(entry.device))
+        probe.connect(socket_name(entry.device, entry.mountpoint))
     except OSError:
         return False
     finally:
@@ -142,7 +186,7 @@ def unmount(mountpoint: str) -> UnmountResult:
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         try:
-            client.connect(socket_name(entry.device))
+            client.connect(socket_name(entry.device, entry.mountpoint))
         except OSError:
             raise MountError(
                 mountpoint,

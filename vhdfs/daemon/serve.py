@@ -64,7 +64,9 @@ async def serve(disks: Sequence[VirtualDisk], context: ServeContext) -> None:
     notifier = context.notifier
     shutdown = Shutdown(disks, context.mountpoint, notifier)
     stop_by_control = partial(shutdown.request, "vhdfs -u")
-    control = ControlServer(context.device, stop_by_control) if context.device else None
+    control = None
+    if context.device is not None and context.mountpoint is not None:
+        control = ControlServer(context.device, context.mountpoint, stop_by_control)
     serving = True
 
     async def watch_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
