@@ -10,6 +10,7 @@ import trio
 from tests.support.images import SECTOR, Layer, build_chain, pattern
 from vhdfs.cache import block_cache
 from vhdfs.disk.virtual import DiskOptions, open_disk
+from vhdfs.image.chain import Chain
 from vhdfs.image.extents import Extent
 
 BLOCK = 64 << 10
@@ -79,11 +80,24 @@ def test_a_write_moves_a_block_from_parent_to_leaf(tmp_path: Path) -> None:
 
 def test_the_map_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     built = build_chain(tmp_path, 64 * BLOCK, [Layer(block_size=BLOCK)])
-    monkeypatch.setattr(block_cache, "DIRECT_MAP_LIMIT", 8)
-    disk = open_disk(str(built.leaf), DiskOptions(read_only=True))
+    monkeypatch.setattr(block_cache, "BLOCK_EXTENTS_LIMIT", 4)
+    # The limit follows the budget: 16 KiB of cache_size is room for 8 extents.
+    disk = open_disk(str(built.leaf), DiskOptions(read_only=True, cache_size=16 << 10))
     try:
         for block in range(64):
             assert disk.cache.direct(block * BLOCK, 512) == Extent(block * BLOCK, 512, None, 0)
             assert len(disk.cache._direct) <= 8
+        assert len(disk.cache._direct) > 4
     finally:
         trio.run(disk.aclose)
+
+
+def test_the_limit_follows_the_budget(tmp_path: Path) -> None:
+    built = build_chain(tmp_path, 64 * BLOCK, [Layer(block_size=BLOCK)])
+    chain = Chain.open(str(built.leaf), lock=False)
+    try:
+        assert block_cache.BlockCache(chain, 64 << 20)._direct_limit == 32768
+        # Never below one fragmented block's worth.
+        assert block_cache.BlockCache(chain, 1 << 20)._direct_limit == 1024
+    finally:
+        chain.close()

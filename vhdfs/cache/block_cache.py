@@ -25,7 +25,8 @@ costs a copy. So:
 Beside them sits the direct map: for each leaf block read recently, the extents it reads as
 (``Chain.plan_read`` run once over the whole block: one extent for a block one layer holds
 whole, several in a chain whose layers share it), so a read inside one block costs a dict
-lookup and a bisect. It holds at most ``DIRECT_MAP_LIMIT`` extents and is kept right by the
+lookup and a bisect. Its size follows the budget (``DIRECT_MAP_BYTES_PER_EXTENT``) and it is
+kept right by the
 same calls that keep the metadata right (``set_bat_entry``, ``put_bitmap``,
 ``forget_metadata``).
 
@@ -57,8 +58,11 @@ DATA_CHUNK = 16 << 10
 #: Host runs longer than this bypass the data cache.
 CACHED_READ_LIMIT = 64 << 10
 
-#: Extents the direct map holds at most (about 150 bytes each); when full it starts over.
-DIRECT_MAP_LIMIT = 1 << 15
+#: The direct map holds at most one extent (about 150 bytes) per this many bytes of the budget,
+#: so it stays under a tenth of ``cache_size`` (32768 extents for the default 64 MiB), but never
+#: fewer than one fragmented block's worth; when full it starts over. A block it could not map
+#: counts as one extent.
+DIRECT_MAP_BYTES_PER_EXTENT = 2048
 #: A block with more extents than this is not mapped (each read of it is planned instead).
 BLOCK_EXTENTS_LIMIT = 1024
 
@@ -116,6 +120,7 @@ class BlockCache:
         self._data_epoch = [0] * len(chain.layers)
         self._direct: dict[int, _BlockMap] = {}
         self._direct_extents = 0
+        self._direct_limit = max(BLOCK_EXTENTS_LIMIT, max_bytes // DIRECT_MAP_BYTES_PER_EXTENT)
         leaf = chain.leaf
         self._unit = 0 if leaf.kind == DiskType.FIXED else leaf.block_size
 
@@ -169,13 +174,14 @@ class BlockCache:
             # A block fragmented this much (a huge block, sectors alternating between
             # layers) is planned per read instead; it holds one entry here.
             extents, found = [], _UNMAPPED
-        if self._direct_extents + len(extents) > DIRECT_MAP_LIMIT:
+        cost = max(1, len(extents))
+        if self._direct_extents + cost > self._direct_limit:
             self._direct.clear()
             self._direct_extents = 0
         if extents:
             found = _BlockMap([extent.offset for extent in extents], extents)
         self._direct[index] = found
-        self._direct_extents += len(extents)
+        self._direct_extents += cost
         return found
 
     def _unmap(self, layer: int, block: int) -> None:
@@ -183,7 +189,7 @@ class BlockCache:
         if layer == 0:
             gone = self._direct.pop(block, None)
             if gone is not None:
-                self._direct_extents -= len(gone.extents)
+                self._direct_extents -= max(1, len(gone.extents))
         else:  # a parent's block sizes need not match the leaf's
             self._direct.clear()
             self._direct_extents = 0

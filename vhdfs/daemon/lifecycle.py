@@ -171,7 +171,8 @@ def _open_disks(
 ) -> list[VirtualDisk]:
     """Open every disk (the overlay's, with ``overlay=``); ``stack`` undoes it all."""
     if options.overlay is None:
-        # cache_size and dirty_limit are the mount's: its images share them evenly.
+        # cache_size and dirty_limit are the mount's: its images share them evenly, each
+        # getting at least the minimum (so past 64 images the total is 1 MiB per image).
         share = replace(
             options.disk,
             cache_size=max(MIN_CACHE_SIZE, options.disk.cache_size // len(images)),
