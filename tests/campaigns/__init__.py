@@ -14,6 +14,9 @@ def stop_cleanly_on_signals() -> None:
     """
 
     def stop(signum: int, frame: FrameType | None) -> None:
+        # Once: a second signal must not cut the teardown the first one started.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)

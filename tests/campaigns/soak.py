@@ -127,22 +127,26 @@ def main() -> int:
             for verify_only in (False, True):
                 mountpoint = folder / f"mnt{phase}{'v' if verify_only else 'w'}"
                 mountpoint.mkdir()
-                m = Mount([str(leaf)], str(mountpoint), foreground=True).start()
-                assert m.pid is not None
-                sampler = RssSampler(m.pid)
-                sampler.start()
+                m = Mount([str(leaf)], str(mountpoint), foreground=True)
+                sampler = None
                 try:
+                    m.start()
+                    assert m.pid is not None
+                    sampler = RssSampler(m.pid)
+                    sampler.start()
                     run = fio(m.raw(leaf.stem + ".raw"), phase, args.phase_mib * MiB, verify_only)
                     status = m.stop()
                 finally:
-                    sampler.done.set()
+                    if sampler is not None:
+                        sampler.done.set()
+                        sampler.join()
                     m.cleanup()
                 figures["read"] += run["read"]
                 figures["errors"] += run["errors"]
                 if not verify_only:  # a verify_only run counts the writes it only pretends
                     figures["written"] += run["written"]
                 figures["errors"] += status != 0
-                peaks.append(max(sampler.samples, default=0))
+                peaks.append(max(sampler.samples if sampler else [], default=0))
             check = subprocess.run(
                 [*vhd_command(), "check", "--json", str(leaf)], capture_output=True, text=True
             )

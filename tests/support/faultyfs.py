@@ -13,11 +13,13 @@ available in every kernel).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
 import stat
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import pyfuse3
@@ -35,7 +37,6 @@ class FaultyFs(pyfuse3.Operations):
         self._control_mtime = -1.0
         self.names: dict[int, str] = {}
         self.inodes: dict[str, int] = {}
-        self.fds: dict[int, int] = {}
 
     # -- faults ----------------------------------------------------------------------------
 
@@ -52,7 +53,7 @@ class FaultyFs(pyfuse3.Operations):
                     for line in f:
                         if "=" in line:
                             name, code = line.strip().split("=", 1)
-                            self.faults[name] = getattr(errno, code)
+                            self.faults[name] = getattr(errno, code.strip())
         code = self.faults.get(operation)
         if code is not None:
             raise pyfuse3.FUSEError(code)
@@ -115,30 +116,42 @@ class FaultyFs(pyfuse3.Operations):
     # -- files -----------------------------------------------------------------------------
 
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
-        if not stat.S_ISREG(os.lstat(self._path(inode)).st_mode):
-            raise pyfuse3.FUSEError(errno.EACCES)
-        fd = os.open(self._path(inode), flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC))
-        self.fds[fd] = inode
+        with _errno_of_os_errors():
+            if not stat.S_ISREG(os.lstat(self._path(inode)).st_mode):
+                raise pyfuse3.FUSEError(errno.EACCES)
+            fd = os.open(self._path(inode), flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC))
         return pyfuse3.FileInfo(fh=fd, direct_io=True)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         self._fail("read")
-        return os.pread(fh, size, off)
+        with _errno_of_os_errors():
+            return os.pread(fh, size, off)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         self._fail("write")
-        return os.pwrite(fh, buf, off)
+        with _errno_of_os_errors():
+            return os.pwrite(fh, buf, off)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         self._fail("fsync")
-        os.fsync(fh)
+        with _errno_of_os_errors():
+            os.fsync(fh)
 
     async def flush(self, fh: int) -> None:
         pass
 
     async def release(self, fh: int) -> None:
         os.close(fh)
-        self.fds.pop(fh, None)
+
+
+@contextlib.contextmanager
+def _errno_of_os_errors() -> Iterator[None]:
+    """Answer a real failure of the backing folder with its errno (pyfuse3 takes FUSEError
+    only; anything else leaves the request unanswered)."""
+    try:
+        yield
+    except OSError as exc:
+        raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
 
 
 async def _serve() -> None:
@@ -156,7 +169,7 @@ async def _serve() -> None:
 
 def main() -> None:
     backing, mountpoint, control = sys.argv[1:4]
-    options = set(pyfuse3.default_options) | {"fsname=faultyfs", "allow_other"}
+    options = set(pyfuse3.default_options) | {"fsname=faultyfs"}
     pyfuse3.init(FaultyFs(backing, control), mountpoint, options)
     try:
         trio.run(_serve)

@@ -22,6 +22,7 @@ import pytest
 
 from tests.support.images import Layer, build_chain, pattern, run
 from tests.support.mounting import Mount, is_mounted, read_with_vhdimount, vhd_command
+from vhdfs.errors import ExitCode
 from vhdfs.image.create import create_differencing
 
 pytestmark = pytest.mark.fuse
@@ -37,14 +38,16 @@ class FaultyDisk:
     backing: Path
     mountpoint: Path
     control: Path
+    _stamp: float = 0.0
 
     def fail(self, **faults: str) -> None:
         """Make the named operations fail with the given errno names (none: all succeed)."""
         text = "".join(f"{operation}={code}\n" for operation, code in faults.items())
         self.control.write_text(text)
-        # The file system notices by mtime; make sure it moves even within one tick.
-        stamp = time.time() + len(text) / 1000
-        os.utime(self.control, (stamp, stamp))
+        # The file system notices a change by mtime, which may not move between two writes
+        # within one clock tick: set it to a value never used before.
+        self._stamp = max(self._stamp + 1, time.time())
+        os.utime(self.control, (self._stamp, self._stamp))
 
 
 @pytest.fixture
@@ -177,7 +180,8 @@ def test_a_failed_sync_is_reported_and_never_forgotten(
     assert _read_fresh(fd, 8192, 4096) == acknowledged
     with pytest.raises(OSError, match="Input/output error"):
         os.close(fd)  # close writes dirty data out: refused the same way (the fd is closed)
-    assert m.stop() != 0  # the final write-out could not be made durable, and says so
+    # The final write-out could not be made durable, and the exit status says so.
+    assert m.stop() == ExitCode.IO_ERROR
     ours = _valid_everywhere(image, mount, tmp_path)
     assert ours[8192:12288] == acknowledged
     # The unsynced write may or may not be there; everything else is as acknowledged.
@@ -206,12 +210,22 @@ def test_a_file_system_gone_read_only(
     m = mount([image], options=["writeback=60"])
     fd = _open_raw(m, image)
     faulty.fail(write="EROFS", fsync="EROFS")
+    # Into the allocated block: written in place at once, so the write itself is refused.
     with pytest.raises(OSError, match="Read-only file system") as refused:
         os.pwrite(fd, pattern(6, 4096), 0)
     assert refused.value.errno == errno.EROFS
+    # Into an unallocated block: held in memory, so the fsync that commits it is refused.
+    staged = pattern(9, 65536)
+    os.pwrite(fd, staged, 3 * MiB)
+    with pytest.raises(OSError, match="Read-only file system") as on_fsync:
+        os.fsync(fd)
+    assert on_fsync.value.errno == errno.EROFS
     assert _read_fresh(fd, 0, 4096) == bytes(model[:4096])
-    os.close(fd)
+    assert _read_fresh(fd, 3 * MiB, 65536) == staged
     faulty.fail()
+    os.fsync(fd)  # writable again: the kept data goes in
+    model[3 * MiB : 3 * MiB + 65536] = staged
+    os.close(fd)
     assert m.stop() == 0
     assert _valid_everywhere(image, mount, tmp_path) == bytes(model)
 
@@ -222,6 +236,7 @@ def test_the_kernel_refuses_a_read_only_remount_under_a_writable_mount(
     host = tmp_path / "host"
     host.mkdir()
     run(["mount", "-t", "tmpfs", "-o", "size=64M", "tmpfs", host])
+    m = None
     try:
         built = build_chain(host, SIZE, [Layer(writes=[(0, 64)])])
         m = mount([built.leaf])
@@ -237,6 +252,8 @@ def test_the_kernel_refuses_a_read_only_remount_under_a_writable_mount(
             os.fsync(f.fileno())
         assert m.stop() == 0
     finally:
+        if m is not None:
+            m.cleanup()  # before the umount, which a live mount would make fail
         run(["umount", host])
 
 
