@@ -6,12 +6,13 @@ Each phase mounts the chain's leaf read-write, reads the whole disk (the page ca
 the daemon answers) and checks it against the SHA-256 taken before the last unmount, then runs
 fio: 4 jobs, each on its own quarter of the disk with its own block size (4, 16, 64, 128 KiB),
 mixing random reads and writes with an fsync every 16 writes, every block written checked
-(``verify=crc32c`` with ``verify_backlog``). Then it takes the disk's SHA-256 again, unmounts
-and checks the image with ``vhd check``: what was written must survive the remount, bit for
-bit. (fio's own ``verify_only`` replay was tried for that and found unreliable with mixed
-random reads and writes: it verified a block the write run had only read.) The daemon's RSS is
-sampled five times a second. Prints one line per phase and a summary; exits 1 on any mismatch,
-fio error, finding or an RSS that grew by more than 32 MiB from the first phase to the last.
+(``verify=crc32c`` with ``verify_backlog``, ``O_DIRECT`` so the daemon answers). Then it takes
+the disk's SHA-256 again, unmounts and checks the image with ``vhd check``: what was written
+must survive the remount, bit for bit. (fio's own ``verify_only`` replay was tried for that and
+found unreliable with mixed random reads and writes: it verified a block the write run had only
+read.) The daemon's RSS is sampled five times a second. Prints one line per phase and a summary;
+exits 1 on any mismatch, fio error, finding or an RSS that grew by more than 32 MiB from the
+first phase to the last.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ def fio(raw: str, seed: int, phase_bytes: int) -> dict[str, int]:
         "--rw=randrw",
         "--rwmixread=40",
         "--ioengine=psync",
+        "--direct=1",  # verify reads must come from the daemon, not the page cache
         "--fsync=16",
         "--verify=crc32c",
         "--verify_backlog=64",
@@ -187,6 +189,18 @@ def main() -> int:
             )
             if figures["errors"] or findings:
                 break
+        # The last phase's data must survive its unmount too.
+        mountpoint = folder / "mnt-final"
+        mountpoint.mkdir()
+        m = Mount([str(leaf)], str(mountpoint), options=["ro"], foreground=True)
+        try:
+            m.start()
+            survived = digest is None or disk_digest(m.raw(leaf.stem + ".raw")) == digest
+            totals["errors"] += (m.stop() != 0) + (not survived)
+        finally:
+            m.cleanup()
+        totals["remounts_verified"] += survived
+        print(f"final remount: disk as before: {'yes' if survived else 'NO'}", flush=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     growth = (peaks[-1] - peaks[0]) / MiB if peaks else 0.0

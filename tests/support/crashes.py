@@ -99,7 +99,7 @@ for n in range(1_000_000):  # ends when the daemon dies; the bound only guards a
     offset = rng.randrange(0, region - length, 512)
     data = rng.randbytes(length)
     try:
-        os.pwrite(fd, data, offset)
+        assert os.pwrite(fd, data, offset) == length  # the model holds whole writes
         if n % every == 0:
             os.fsync(fd)
             log.write(f"{n}\n")
@@ -235,7 +235,12 @@ def kill_under_load(
         )
     killed = False
     try:
-        time.sleep(rng.uniform(0.3, 1.5))
+        # The kill comes at a random instant after the first fsync was acknowledged (Python's
+        # start-up under load may take longer than the shortest delay).
+        deadline = time.monotonic() + 60
+        while not journal.read_text() and writer.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 1.2))
         assert writer.poll() is None, "the writer stopped before the kill"
         assert load is None or load.poll() is None, "fio stopped before the kill"
         assert m.pid is not None

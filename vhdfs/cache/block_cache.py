@@ -59,9 +59,9 @@ DATA_CHUNK = 16 << 10
 CACHED_READ_LIMIT = 64 << 10
 
 #: The direct map holds at most one extent (about 150 bytes) per this many bytes of the budget,
-#: so it stays under a tenth of ``cache_size`` (32768 extents for the default 64 MiB), but never
-#: fewer than one fragmented block's worth; when full it starts over. A block it could not map
-#: counts as one extent.
+#: about 7% of ``cache_size`` (32768 extents for the default 64 MiB), but never fewer than one
+#: fragmented block's worth (about 15% of the 1 MiB minimum); when full it starts over. A block
+#: it could not map counts as one extent.
 DIRECT_MAP_BYTES_PER_EXTENT = 2048
 #: A block with more extents than this is not mapped (each read of it is planned instead).
 BLOCK_EXTENTS_LIMIT = 1024

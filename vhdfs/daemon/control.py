@@ -1,14 +1,13 @@
 """The control socket of a mount, and ``vhdfs -u``: an unmount that waits for the daemon.
 
-Each daemon listens on an abstract Unix socket named after its mount's device number and
-mountpoint (``vhdfs/0:53/`` and a hash of the path), which anyone can find in
-/proc/self/mountinfo without touching the mount. Only root and the user the daemon runs as may
-use it (checked with ``SO_PEERCRED``).
+Each daemon listens on an abstract Unix socket named after its mount's device number
+(``vhdfs/0:53``), which anyone can find in /proc/self/mountinfo without touching the mount, from
+any path the mount is reachable by (a bind mount too). Only root and the user the daemon runs
+as may use it (checked with ``SO_PEERCRED``).
 
-A device number is free for the next mount as soon as the kernel has unmounted, while the
-daemon may still be writing out and holding its socket: the mountpoint in the name keeps a new
-mount elsewhere from meeting the old daemon, and a new daemon that still finds its name taken
-(the same device number at the same place) keeps serving and binds once the old one is gone.
+A device number is free for the next mount as soon as the kernel has unmounted. The daemon
+closes its socket the moment serving ends, before its final write-out; a new daemon that still
+finds the name taken (it raced that moment) keeps serving and binds once the name is free.
 
 The protocol is one request line, ``unmount``, and reply lines of tab-separated fields:
 
@@ -25,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import logging
 import os
 import select
@@ -50,10 +48,9 @@ _CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 BIND_RETRY = 0.5
 
 
-def socket_name(device: str, mountpoint: str) -> str:
-    """The abstract socket address of the mount of device ``device`` at ``mountpoint``."""
-    digest = hashlib.sha256(os.fsencode(mountpoint)).hexdigest()[:24]
-    return f"\0vhdfs/{device}/{digest}"
+def socket_name(device: str) -> str:
+    """The abstract socket address of the mount with device number ``device``."""
+    return f"\0vhdfs/{device}"
 
 
 def _peer(sock: socket.socket | trio.socket.SocketType) -> tuple[int, int]:
@@ -74,7 +71,7 @@ class ControlServer:
     """
 
     def __init__(self, device: str, mountpoint: str, on_unmount: StopHandler) -> None:
-        self.name = socket_name(device, mountpoint)
+        self.name = socket_name(device)
         self.mountpoint = mountpoint
         self.on_unmount = on_unmount
         self._waiting: list[trio.socket.SocketType] = []
@@ -107,8 +104,8 @@ class ControlServer:
                     raise
             if not started:
                 log.warning(
-                    "%s: the daemon of an earlier mount here is still exiting; vhdfs -u "
-                    "works once it is gone",
+                    "%s: the control socket of this device number is still held by an exiting "
+                    "daemon; vhdfs -u works once it is gone",
                     self.mountpoint,
                 )
                 task_status.started()
@@ -164,7 +161,7 @@ def daemon_alive(entry: MountEntry) -> bool:
     """Whether the daemon of a vhdfs mount still runs (its control socket answers)."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        probe.connect(socket_name(entry.device, entry.mountpoint))
+        probe.connect(socket_name(entry.device))
     except OSError:
         return False
     finally:
@@ -186,7 +183,7 @@ def unmount(mountpoint: str) -> UnmountResult:
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         try:
-            client.connect(socket_name(entry.device, entry.mountpoint))
+            client.connect(socket_name(entry.device))
         except OSError:
             raise MountError(
                 mountpoint,
