@@ -178,6 +178,11 @@ def test_a_user_mounts_and_unmounts_without_root(tmp_path: Path) -> None:
                 [*as_nobody, *argv], capture_output=True, text=True, timeout=120, cwd=folder
             )
 
+        reachable = run_as_nobody("test", "-x", VHD)
+        assert reachable.returncode == 0, (
+            f"{VHD} is not executable by other users: the checkout lies under a directory they "
+            "cannot enter (this test needs it as any user running vhdfs would)"
+        )
         assert run_as_nobody(VHD, "create", "disk.vhd", "8M").returncode == 0
         assert run_as_nobody("mkdir", "mnt").returncode == 0
         mounted = run_as_nobody(VHDFS, "disk.vhd", "mnt")
