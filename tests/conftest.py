@@ -5,13 +5,13 @@ from __future__ import annotations
 import lzma
 import os
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support.mounting import Mount, become_subreaper
+from tests.support.mounting import Mount, become_subreaper, mount_factory
 
 
 def _corpus_dir() -> Path:
@@ -52,37 +52,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 @pytest.fixture
 def mount(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
     """Factory for real mounts; every mount started is torn down after the test."""
-    started: list[Mount] = []
-    counter = iter(range(1000))
-
-    def start(
-        images: Sequence[str | Path],
-        mountpoint: str | Path | None = None,
-        options: Sequence[str] = (),
-        *,
-        foreground: bool = False,
-        cwd: str | Path | None = None,
-        env: dict[str, str] | None = None,
-    ) -> Mount:
-        if mountpoint is None:
-            mountpoint = tmp_path / f"mnt{next(counter)}"
-            mountpoint.mkdir()
-        m = Mount(
-            [str(i) for i in images],
-            str(mountpoint),
-            options,
-            foreground=foreground,
-            cwd=None if cwd is None else str(cwd),
-            env=env,
-        )
-        started.append(m)
-        return m.start()
-
-    try:
+    with mount_factory(tmp_path) as start:
         yield start
-    finally:
-        for m in started:
-            m.cleanup()
 
 
 def unpack_case(case: dict[str, Any], target: Path) -> Path:

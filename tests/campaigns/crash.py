@@ -19,37 +19,11 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 from tests.campaigns import stop_cleanly_on_signals
 from tests.support.crashes import kill_under_load
-from tests.support.mounting import Mount, become_subreaper
-
-
-@contextmanager
-def mounts(folder: Path) -> Iterator[Callable[..., Mount]]:
-    """A mount factory like the test fixture's; every mount it starts is torn down."""
-    started: list[Mount] = []
-    count = 0
-
-    def start(
-        images: Sequence[str | Path], options: Sequence[str] = (), *, foreground: bool = False
-    ) -> Mount:
-        nonlocal count
-        count += 1
-        mountpoint = folder / f"mnt{count}"
-        mountpoint.mkdir()
-        m = Mount([str(i) for i in images], str(mountpoint), options, foreground=foreground)
-        started.append(m)
-        return m.start()
-
-    try:
-        yield start
-    finally:
-        for m in started:
-            m.cleanup()
+from tests.support.mounting import become_subreaper, mount_factory
 
 
 def main() -> int:
@@ -68,7 +42,7 @@ def main() -> int:
         kind = ("dynamic", "differencing")[seed % 2]
         folder = Path(tempfile.mkdtemp(prefix=f"vhdfs-crash-{seed}-"))
         try:
-            with mounts(folder) as mount:
+            with mount_factory(folder) as mount:
                 acknowledged += kill_under_load(folder, kind, seed, mount, fio=True)
             shutil.rmtree(folder)
         except Exception:

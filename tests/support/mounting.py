@@ -19,7 +19,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 VHDFS = os.path.join(os.path.dirname(sys.executable), "vhdfs")
 VHD = os.path.join(os.path.dirname(sys.executable), "vhd")
@@ -230,3 +231,40 @@ def read_with_vhdimount(image: str, mountpoint: str) -> bytes:
         except subprocess.TimeoutExpired:
             process.kill()
             process.communicate()
+
+
+@contextlib.contextmanager
+def mount_factory(folder: Path) -> Iterator[Callable[..., Mount]]:
+    """A factory for real mounts (mountpoints ``folder/mntN`` unless given); every mount it
+    started is torn down on the way out. The tests' ``mount`` fixture and the campaigns use it."""
+    started: list[Mount] = []
+    counter = iter(range(1_000_000))
+
+    def start(
+        images: Sequence[str | Path],
+        mountpoint: str | Path | None = None,
+        options: Sequence[str] = (),
+        *,
+        foreground: bool = False,
+        cwd: str | Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Mount:
+        if mountpoint is None:
+            mountpoint = folder / f"mnt{next(counter)}"
+            mountpoint.mkdir()
+        m = Mount(
+            [str(i) for i in images],
+            str(mountpoint),
+            options,
+            foreground=foreground,
+            cwd=None if cwd is None else str(cwd),
+            env=env,
+        )
+        started.append(m)
+        return m.start()
+
+    try:
+        yield start
+    finally:
+        for m in started:
+            m.cleanup()
