@@ -8,13 +8,16 @@ import pwd
 import random
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+import vhdfs
 from tests.support.images import run
 from tests.support.mounting import VHD, VHDFS, Mount, is_mounted, vhdfs_command, wait_pid
 from tests.support.notify import NotifySocket
@@ -161,45 +164,66 @@ def test_missing_image_says_it_is_missing(tmp_path: Path) -> None:
         )
 
 
+@contextmanager
+def _passable_by_others(*paths: Path) -> Iterator[None]:
+    """Let other users pass through (not list) the folders above *paths* while the block runs.
+
+    A clone made under ``mktemp -d`` sits in a folder only root may enter, where no other user
+    could run the vhdfs installed inside it; an installed vhdfs is always within their reach."""
+    modes: dict[Path, int] = {}
+    try:
+        for path in paths:
+            for folder in path.parents:
+                mode = stat.S_IMODE(folder.stat().st_mode)
+                if folder not in modes and not mode & stat.S_IXOTH:
+                    modes[folder] = mode
+                    os.chmod(folder, mode | stat.S_IXOTH)
+        yield
+    finally:
+        for folder, mode in modes.items():
+            os.chmod(folder, mode)
+
+
 @pytest.mark.root
 def test_a_user_mounts_and_unmounts_without_root(tmp_path: Path) -> None:
     # Everything as "nobody": the FUSE mount through the setuid fusermount3, vhdfs -u through
     # the control socket (which admits the daemon's own user).
     folder = Path(tempfile.mkdtemp(prefix="vhdfs-user-"))
-    # Debian's udev rule makes /dev/fuse 0666; some containers leave it 0600.
-    fuse_mode = os.stat("/dev/fuse").st_mode & 0o777
-    try:
-        os.chmod("/dev/fuse", 0o666)
-        os.chown(folder, NOBODY.pw_uid, NOBODY.pw_gid)
-        as_nobody = ["runuser", "-u", "nobody", "--"]
+    with _passable_by_others(Path(VHD), Path(vhdfs.__file__)):
+        # Debian's udev rule makes /dev/fuse 0666; some containers leave it 0600.
+        fuse_mode = os.stat("/dev/fuse").st_mode & 0o777
+        try:
+            os.chmod("/dev/fuse", 0o666)
+            os.chown(folder, NOBODY.pw_uid, NOBODY.pw_gid)
+            as_nobody = ["runuser", "-u", "nobody", "--"]
 
-        def run_as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run(
-                [*as_nobody, *argv], capture_output=True, text=True, timeout=120, cwd=folder
+            def run_as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
+                return subprocess.run(
+                    [*as_nobody, *argv], capture_output=True, text=True, timeout=120, cwd=folder
+                )
+
+            reachable = run_as_nobody("test", "-x", VHD)
+            assert reachable.returncode == 0, (
+                f"{VHD} is not executable by other users, though they may pass through every "
+                "folder above it (this test needs it as any user running vhdfs would)"
             )
-
-        reachable = run_as_nobody("test", "-x", VHD)
-        assert reachable.returncode == 0, (
-            f"{VHD} is not executable by other users: the checkout lies under a directory they "
-            "cannot enter (this test needs it as any user running vhdfs would)"
-        )
-        assert run_as_nobody(VHD, "create", "disk.vhd", "8M").returncode == 0
-        assert run_as_nobody("mkdir", "mnt").returncode == 0
-        mounted = run_as_nobody(VHDFS, "disk.vhd", "mnt")
-        assert (mounted.returncode, mounted.stderr) == (0, "")
-        # Without allow_other only the mounting user may look into the mount, root included.
-        raw = folder / "mnt" / "disk.raw"
-        assert run_as_nobody("stat", "-c", "%U", str(raw)).stdout == "nobody\n"
-        written = run_as_nobody("dd", "if=/dev/urandom", f"of={raw}", "bs=64k", "count=4",
-                                "conv=notrunc,fsync")  # fmt: skip
-        assert written.returncode == 0, written.stderr
-        unmounted = run_as_nobody(VHDFS, "-u", "mnt")
-        assert (unmounted.returncode, unmounted.stderr) == (0, "")
-        assert not is_mounted(str(folder / "mnt"))
-        checked = run_as_nobody(VHD, "check", "disk.vhd")
-        assert checked.returncode == 0, checked.stdout
-    finally:
-        if is_mounted(str(folder / "mnt")):
-            subprocess.run(["fusermount3", "-u", "-z", folder / "mnt"], capture_output=True)
-        shutil.rmtree(folder)
-        os.chmod("/dev/fuse", fuse_mode)
+            assert run_as_nobody(VHD, "create", "disk.vhd", "8M").returncode == 0
+            assert run_as_nobody("mkdir", "mnt").returncode == 0
+            mounted = run_as_nobody(VHDFS, "disk.vhd", "mnt")
+            assert (mounted.returncode, mounted.stderr) == (0, "")
+            # Without allow_other only the mounting user may look into the mount, root included.
+            raw = folder / "mnt" / "disk.raw"
+            assert run_as_nobody("stat", "-c", "%U", str(raw)).stdout == "nobody\n"
+            written = run_as_nobody("dd", "if=/dev/urandom", f"of={raw}", "bs=64k", "count=4",
+                                    "conv=notrunc,fsync")  # fmt: skip
+            assert written.returncode == 0, written.stderr
+            unmounted = run_as_nobody(VHDFS, "-u", "mnt")
+            assert (unmounted.returncode, unmounted.stderr) == (0, "")
+            assert not is_mounted(str(folder / "mnt"))
+            checked = run_as_nobody(VHD, "check", "disk.vhd")
+            assert checked.returncode == 0, checked.stdout
+        finally:
+            if is_mounted(str(folder / "mnt")):
+                subprocess.run(["fusermount3", "-u", "-z", folder / "mnt"], capture_output=True)
+            shutil.rmtree(folder)
+            os.chmod("/dev/fuse", fuse_mode)
