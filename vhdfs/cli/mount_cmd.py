@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -172,6 +173,10 @@ def _unmount(mountpoint: str) -> int:
     except VhdfsError as exc:
         error(PROGRAM, exc)
         return exc.exit_code
+    except KeyboardInterrupt:
+        # The daemon carries on with a request it has received; only the waiting stops.
+        error(PROGRAM, f"{mountpoint}: interrupted; an unmount already asked for goes on")
+        return 128 + signal.SIGINT
     if result.message is not None:
         error(PROGRAM, f"{mountpoint}: {result.message}")
     return result.status

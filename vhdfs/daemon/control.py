@@ -1,37 +1,42 @@
 """The control socket of a mount, and ``vhdfs -u``: an unmount that waits for the daemon.
 
-Each daemon listens on an abstract Unix socket named after its mount's device number
-(``vhdfs/0:53``), which anyone can find in /proc/self/mountinfo without touching the mount, from
-any path the mount is reachable by (a bind mount too). Only root and the user the daemon runs
-as may use it (checked with ``SO_PEERCRED``).
-
-A device number is free for the next mount as soon as the kernel has unmounted. The daemon
-closes its socket the moment serving ends, before its final write-out; a new daemon that still
-finds the name taken (it raced that moment) keeps serving and binds once the name is free.
+Each daemon listens on an abstract Unix socket named ``vhdfs/DEVICE/PID.TOKEN``: the mount's
+device number (which anyone finds in /proc/self/mountinfo without touching the mount, from any
+path the mount is reachable by, a bind mount too), the daemon's PID and a random token. Abstract
+names belong to whoever binds them first, and any local user may bind any name, so the client
+trusts no name: it lists the candidates in /proc/net/unix and talks only to a peer whose
+credentials (``SO_PEERCRED``) show the PID the name carries and the user who made the mount, or
+root. A name squatted by another user is never used, and cannot take the daemon's own name
+(the token is unpredictable), so squatting can neither stop a mount nor answer for it.
+The daemon in turn serves only root and its own user.
 
 The protocol is one request line, ``unmount``, and reply lines of tab-separated fields:
 
+* ``working``: sent every ``KEEPALIVE`` seconds while a write-out runs, so that the client can
+  tell a daemon at work from one that stopped answering;
 * ``busy<TAB>holder<TAB>...``: the mount is in use; nothing was unmounted; the daemon serves on.
 * ``failed<TAB>message``: the write-out failed; nothing was unmounted.
 * ``unmounting``: the unmount was accepted. Later ``done<TAB>status`` gives the daemon's exit
   status once its final write-out is over, and the connection ends when the process exits.
 
-The client learns the daemon's PID from the socket and waits for that process to be gone
-(a pidfd), so it returns only once the daemon has written out, synced and exited.
+The client waits for that process to be gone (a pidfd), so it returns only once the daemon has
+written out, synced and exited. Every wait is bounded: a daemon that says nothing for
+``ANSWER_TIMEOUT`` seconds is reported, never waited for forever. A client that leaves early
+(Ctrl-C, a script that closes the socket) changes nothing for the daemon: the request it made
+goes on, and replies to a vanished client are dropped.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
+import secrets
 import select
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
 
 import trio
 
@@ -42,15 +47,19 @@ from vhdfs.errors import ExitCode, MountError, UsageError
 log = logging.getLogger(__name__)
 
 _CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_PREFIX = "vhdfs/"
+
+#: Seconds between ``working`` lines while the daemon writes out.
+KEEPALIVE = 2.0
+#: Seconds ``vhdfs -u`` waits for any line (or the daemon's exit) before giving up.
+ANSWER_TIMEOUT = 30.0
+#: Seconds ``vhdfs -u`` waits to connect to a candidate socket.
+_CONNECT_TIMEOUT = 5.0
 
 
-#: Seconds between attempts to bind a name an exiting daemon still holds.
-BIND_RETRY = 0.5
-
-
-def socket_name(device: str) -> str:
-    """The abstract socket address of the mount with device number ``device``."""
-    return f"\0vhdfs/{device}"
+def socket_name(device: str, pid: int, token: str) -> str:
+    """The abstract socket address of the daemon ``pid`` serving the mount ``device``."""
+    return f"\0{_PREFIX}{device}/{pid}.{token}"
 
 
 def _peer(sock: socket.socket | trio.socket.SocketType) -> tuple[int, int]:
@@ -63,90 +72,104 @@ def _peer(sock: socket.socket | trio.socket.SocketType) -> tuple[int, int]:
 StopHandler = Callable[[], Awaitable[StopOutcome]]
 
 
+def _send(connection: trio.socket.SocketType, line: str) -> bool:
+    """Send one line without waiting; False when the client has gone (never raises)."""
+    try:
+        os.write(connection.fileno(), line.encode(errors="replace") + b"\n")
+    except OSError:
+        return False
+    return True
+
+
 class ControlServer:
     """The daemon's side: answers ``unmount`` requests with a stop handler.
 
     Connections of accepted requests are kept open until the daemon exits; ``finish`` tells
-    them the exit status first.
+    them the exit status first. Run ``keep_clients_waiting`` beside the whole life of the
+    daemon, the final write-out included.
     """
 
     def __init__(self, device: str, mountpoint: str, on_unmount: StopHandler) -> None:
-        self.name = socket_name(device)
+        self.name = socket_name(device, os.getpid(), secrets.token_hex(16))
         self.mountpoint = mountpoint
         self.on_unmount = on_unmount
+        #: Clients waiting for an answer (a write-out runs) or for the daemon's exit.
         self._waiting: list[trio.socket.SocketType] = []
 
     async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen and handle connections until cancelled.
-
-        Started once listening, or once the name turned out to be held by an exiting daemon
-        (binding is then retried while the mount is served: it never fails the mount).
-        """
+        """Listen and handle connections until cancelled; started once listening."""
         # ``with``: the name is released the moment serving ends, not when the process exits.
         with trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
-            await self._bind(listener, task_status)
-            listener.listen(4)
+            try:
+                await listener.bind(self.name)
+                listener.listen(4)
+            except OSError as exc:
+                # Never fatal: the mount serves on, and SIGTERM still stops it.
+                log.warning(
+                    "%s: no control socket (%s); vhdfs -u cannot reach this daemon, stop it "
+                    "with SIGTERM",
+                    self.mountpoint,
+                    exc.strerror,
+                )
+                task_status.started()
+                return
+            task_status.started()
             async with trio.open_nursery() as nursery:
                 while True:
                     connection, _ = await listener.accept()
                     nursery.start_soon(self._handle, connection)
 
-    async def _bind(
-        self, listener: trio.socket.SocketType, task_status: trio.TaskStatus[None]
-    ) -> None:
-        started = False
+    async def keep_clients_waiting(self) -> None:
+        """Send ``working`` to every waiting client every ``KEEPALIVE`` seconds, forever."""
         while True:
-            try:
-                await listener.bind(self.name)
-                break
-            except OSError as exc:
-                if exc.errno != errno.EADDRINUSE:
-                    raise
-            if not started:
-                log.warning(
-                    "%s: the control socket of this device number is still held by an exiting "
-                    "daemon; vhdfs -u works once it is gone",
-                    self.mountpoint,
-                )
-                task_status.started()
-                started = True
-            await trio.sleep(BIND_RETRY)
-        if not started:
-            task_status.started()
+            await trio.sleep(KEEPALIVE)
+            for connection in list(self._waiting):
+                if not _send(connection, "working"):
+                    self._drop(connection)
+
+    def _drop(self, connection: trio.socket.SocketType) -> None:
+        with contextlib.suppress(ValueError):
+            self._waiting.remove(connection)
+        connection.close()
 
     async def _handle(self, connection: trio.socket.SocketType) -> None:
-        _, uid = _peer(connection)
-        if uid not in (0, os.getuid()):
+        try:
+            _, uid = _peer(connection)
+            if uid not in (0, os.getuid()):
+                connection.close()
+                return
+            request = b""
+            with trio.move_on_after(ANSWER_TIMEOUT):
+                while not request.endswith(b"\n") and len(request) < 64:
+                    chunk = await connection.recv(64)
+                    if not chunk:
+                        break
+                    request += chunk
+        except OSError:  # the client has gone: nothing to answer
             connection.close()
             return
-        request = b""
-        while not request.endswith(b"\n") and len(request) < 64:
-            chunk = await connection.recv(64)
-            if not chunk:
-                break
-            request += chunk
         if request.strip() != b"unmount":
             connection.close()
             return
+        self._waiting.append(connection)
         # Shielded: a successful unmount ends the serving loop, and with it this task, before
-        # the reply would otherwise be sent.
+        # the reply would otherwise be sent. The request goes on whether or not the client
+        # stays to hear the answer.
         with trio.CancelScope(shield=True):
             outcome = await self.on_unmount()
         if outcome.stopping:
-            os.write(connection.fileno(), b"unmounting\n")
-            self._waiting.append(connection)
+            if not _send(connection, "unmounting"):
+                self._drop(connection)
             return
         kind = "busy" if outcome.busy else "failed"
         reasons = (r.replace("\t", " ").replace("\n", " ") for r in outcome.reasons)
-        line = "\t".join([kind, *reasons])
-        await connection.send(line.encode(errors="replace") + b"\n")
-        connection.close()
+        _send(connection, "\t".join([kind, *reasons]))
+        self._drop(connection)
 
     def finish(self, status: int) -> None:
         """Tell waiting clients the exit status (their connections end with the process)."""
         for connection in self._waiting:
-            with contextlib.suppress(OSError):  # a client that left does not matter
-                os.write(connection.fileno(), f"done\t{status}\n".encode())
+            _send(connection, f"done\t{status}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,45 +180,138 @@ class UnmountResult:
     message: str | None = None
 
 
+def _listed_names(device: str) -> Iterator[tuple[str, int]]:
+    """Abstract socket names of ``device`` in /proc/net/unix, with the PID each claims."""
+    prefix = f"@{_PREFIX}{device}/"
+    try:
+        with open("/proc/net/unix", "rb") as f:
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return
+    seen = set()
+    for line in lines[1:]:
+        fields = line.split()
+        if len(fields) < 8 or not fields[7].startswith(prefix) or fields[7] in seen:
+            continue
+        seen.add(fields[7])
+        pid, dot, _ = fields[7][len(prefix) :].partition(".")
+        if dot and pid.isdigit():
+            yield "\0" + fields[7][1:], int(pid)
+
+
+def _trusted(entry: MountEntry, pid: int, peer: tuple[int, int]) -> bool:
+    """Whether a peer is the daemon its name says: that PID, and root or the mount's owner."""
+    peer_pid, peer_uid = peer
+    return peer_pid == pid and (peer_uid == 0 or peer_uid == entry.owner)
+
+
+def _connect_to_daemon(entry: MountEntry) -> tuple[socket.socket, int] | None:
+    """A connection to the daemon of ``entry``, and its PID; ``None`` if none answers."""
+    for name, pid in _listed_names(entry.device):
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        client.settimeout(_CONNECT_TIMEOUT)
+        try:
+            client.connect(name)
+            if _trusted(entry, pid, _peer(client)):
+                return client, pid
+        except OSError:
+            pass
+        client.close()
+    return None
+
+
 def daemon_alive(entry: MountEntry) -> bool:
     """Whether the daemon of a vhdfs mount still runs (its control socket answers)."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        probe.connect(socket_name(entry.device))
-    except OSError:
+    found = _connect_to_daemon(entry)
+    if found is None:
         return False
-    finally:
-        probe.close()
+    found[0].close()
     return True
+
+
+class _Replies:
+    """Lines from the daemon, each awaited at most ``ANSWER_TIMEOUT`` s of silence."""
+
+    def __init__(self, client: socket.socket, process: int, mountpoint: str, pid: int) -> None:
+        self.client = client
+        self.process = process
+        self.mountpoint = mountpoint
+        self.pid = pid
+        self.buffer = b""
+        self.closed = False
+
+    def _silent(self) -> MountError:
+        return MountError(
+            self.mountpoint,
+            f"its daemon (PID {self.pid}) said nothing for {ANSWER_TIMEOUT:.0f} s; it still "
+            f"runs, the unmount may still happen (check with: findmnt {self.mountpoint})",
+        )
+
+    def line(self) -> str | None:
+        """The next line other than ``working``; ``None`` once the daemon closed or exited."""
+        while True:
+            while b"\n" in self.buffer:
+                raw, _, self.buffer = self.buffer.partition(b"\n")
+                text = raw.decode(errors="replace").strip()
+                if text != "working":
+                    return text
+            if self.closed:
+                return None
+            fds = [self.client.fileno(), self.process]
+            ready, _, _ = select.select(fds, [], [], ANSWER_TIMEOUT)
+            if not ready:
+                raise self._silent()
+            if fds[0] in ready:
+                try:
+                    chunk = self.client.recv(4096)
+                except OSError:
+                    chunk = b""
+                self.buffer += chunk
+                self.closed = not chunk
+            elif self.process in ready:
+                self.closed = True  # exited; what it sent before is still read
+
+    def wait_exited(self) -> None:
+        """Return once the daemon's process is gone."""
+        if not select.select([self.process], [], [], ANSWER_TIMEOUT)[0]:
+            raise self._silent()
 
 
 def unmount(mountpoint: str) -> UnmountResult:
     """Unmount the vhdfs mount at ``mountpoint`` and wait until its daemon has exited.
 
     Raises:
-        VhdfsError: Not a vhdfs mount, or its daemon cannot be reached.
+        VhdfsError: Not a vhdfs mount, its daemon cannot be reached, or it stopped answering.
     """
     entry = top_mount_at(mountpoint)
     if entry is None:
         raise UsageError(mountpoint, "not a mountpoint")
     if entry.fstype != FSTYPE:
         raise UsageError(mountpoint, f"not a vhdfs mount (it is {entry.fstype})")
-    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    found = _connect_to_daemon(entry)
+    if found is None:
+        raise MountError(
+            mountpoint,
+            "its daemon is gone (the mount is dead); remove it with "
+            f"fusermount3 -u {entry.mountpoint}",
+        )
+    client, pid = found
     try:
         try:
-            client.connect(socket_name(entry.device))
-        except OSError:
+            process = os.pidfd_open(pid)
+        except ProcessLookupError:
             raise MountError(
                 mountpoint,
-                "its daemon is gone (the mount is dead); remove it with "
-                f"fusermount3 -u {entry.mountpoint}",
+                "its daemon exited while asked to unmount; if the mount is still there, "
+                f"remove it with fusermount3 -u {entry.mountpoint}",
             ) from None
-        pid, _ = _peer(client)
-        process = os.pidfd_open(pid)
-        replies = client.makefile("rb")
         try:
+            client.settimeout(_CONNECT_TIMEOUT)
             client.sendall(b"unmount\n")
-            reply = _read_line(replies)
+            replies = _Replies(client, process, mountpoint, pid)
+            reply = replies.line()
+            if reply is None:
+                raise MountError(mountpoint, f"its daemon (PID {pid}) closed without an answer")
             fields = reply.split("\t")
             if fields[0] == "busy":
                 return UnmountResult(
@@ -203,18 +319,13 @@ def unmount(mountpoint: str) -> UnmountResult:
                 )
             if fields[0] != "unmounting":
                 return UnmountResult(ExitCode.IO_ERROR, "; ".join(fields[1:]) or reply)
-            done = _read_line(replies)
-            select.select([process], [], [])  # the daemon's process is gone
+            done = replies.line() or ""
+            replies.wait_exited()
         finally:
-            replies.close()
             os.close(process)
     finally:
         client.close()
-    if done.startswith("done\t"):
+    if done.startswith("done\t") and done.split("\t")[1].isdigit():
         status = int(done.split("\t")[1])
         return UnmountResult(status, None if status == 0 else "the final write-out failed")
     return UnmountResult(ExitCode.OK)
-
-
-def _read_line(replies: BinaryIO) -> str:
-    return replies.readline().decode(errors="replace").strip()

@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 FSTYPE = "fuse.vhdfs"
 _OCTAL = re.compile(rb"\\([0-7]{3})")
+_USER_ID = re.compile(r"(?:^|,)user_id=(\d+)(?:,|$)")
 
 
 def _unescape(field: str) -> str:
@@ -32,6 +33,8 @@ class MountEntry(NamedTuple):
     mountpoint: str
     fstype: str
     source: str
+    #: The user who made a FUSE mount (its ``user_id=``), ``None`` for other file systems.
+    owner: int | None = None
 
 
 def mount_table() -> list[MountEntry]:
@@ -46,7 +49,16 @@ def mount_table() -> list[MountEntry]:
         before, _, after = line.partition(" - ")
         fields, rest = before.split(" "), after.split(" ")
         if len(fields) >= 5 and len(rest) >= 2:
-            table.append(MountEntry(fields[2], _unescape(fields[4]), rest[0], _unescape(rest[1])))
+            owner = _USER_ID.search(rest[2]) if len(rest) >= 3 else None
+            table.append(
+                MountEntry(
+                    fields[2],
+                    _unescape(fields[4]),
+                    rest[0],
+                    _unescape(rest[1]),
+                    int(owner[1]) if owner else None,
+                )
+            )
     return table
 
 

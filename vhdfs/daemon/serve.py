@@ -3,11 +3,11 @@
 ``serve`` runs ``pyfuse3.main`` beside a signal watcher, one write-back flusher per writable
 disk, the control socket (``vhdfs -u``) and, under systemd, a status reporter. SIGINT, SIGTERM
 and SIGHUP, like ``vhdfs -u``, go through ``Shutdown``: write out and sync, then a normal
-unmount, or keep serving while the mount is in use. An unmount from outside (``fusermount3
--u``, ``umount``) ends the main loop by itself. Either way every disk is then written out and
-synced before its images are closed, with the signal watcher still running, so that another
-signal cannot kill the process in the middle of that last write-out. SIGUSR1 logs the
-statistics of every disk.
+unmount, or keep serving while the mount is in use (after a signal, retrying until it is not).
+An unmount from outside (``fusermount3 -u``, ``umount``) ends the main loop by itself.
+Either way every disk is then written out and synced before its images are closed, with the
+signal watcher still running, so that another signal cannot kill the process in the middle of
+that last write-out. SIGUSR1 logs the statistics of every disk.
 
 Under systemd (``NOTIFY_SOCKET``), READY=1 is sent only once each raw file has answered a read
 (made by a worker thread while this loop serves it), STATUS= every few seconds, STOPPING=1 when
@@ -78,13 +78,16 @@ async def serve(disks: Sequence[VirtualDisk], context: ServeContext) -> None:
                     for disk in disks:
                         log.warning("%s: %s", disk.chain.leaf.path, disk.statistics())
                 elif serving:
-                    nursery.start_soon(shutdown.request, f"{name} received")
+                    nursery.start_soon(partial(shutdown.request, f"{name} received", retry=True))
                 else:
                     log.warning("%s received while writing out; finishing first", name)
 
     failure: VhdfsError | None = None
     async with trio.open_nursery() as nursery:
         await nursery.start(watch_signals)
+        if control is not None:
+            # Beside the final write-out too: clients of an accepted unmount wait through it.
+            nursery.start_soon(control.keep_clients_waiting)
         try:
             async with trio.open_nursery() as helpers:
                 for disk in disks:
@@ -92,6 +95,8 @@ async def serve(disks: Sequence[VirtualDisk], context: ServeContext) -> None:
                         helpers.start_soon(disk.writeback.run_flusher)
                 if control is not None:
                     await helpers.start(control.serve)
+                if context.mountpoint is not None:
+                    helpers.start_soon(shutdown.retry_while_busy)
                 if notifier.enabled:
                     helpers.start_soon(_announce_ready, context.raw_paths, notifier)
                     helpers.start_soon(_report_status, disks, notifier)

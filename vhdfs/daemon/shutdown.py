@@ -7,7 +7,11 @@ mount is in use — a program has a raw file open, a loop device is backed by on
 system is mounted on top — the kernel refuses, and the daemon keeps serving: it names the
 holders once and switches every disk to write-through, so that whatever is written from then
 on is in the image and synced before it is acknowledged, and a later ``kill -9`` loses nothing.
-The next request tries again. Only ``kill -9`` or a lazy unmount can end a busy mount.
+
+A stop by signal is not forgotten when the mount is busy: the daemon tries the unmount again
+every ``RETRY_INTERVAL`` seconds (quietly) and ends by itself, as any stop does, once the
+holders have let go — a service manager's single SIGTERM is enough. A busy ``vhdfs -u`` is
+answered "busy" and not retried: its caller decides what to do.
 
 A successful unmount ends the FUSE session; the serving loop then returns and the final
 write-out finds nothing left to do.
@@ -31,6 +35,8 @@ log = logging.getLogger(__name__)
 
 #: How much more time to ask systemd for, each time, while a write-out runs.
 _EXTEND_SECONDS = 30
+#: Seconds between unmount attempts after a stop signal found the mount busy.
+RETRY_INTERVAL = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,9 +69,14 @@ class Shutdown:
         self.notifier = notifier
         self.stopping = False
         self._lock = trio.Lock()
+        #: Set once a stop signal found the mount busy: the unmount is then retried.
+        self._retry = trio.Event()
 
-    async def request(self, reason: str) -> StopOutcome:
-        """Write everything out, then try to unmount. Never raises for a busy mount."""
+    async def request(self, reason: str, *, retry: bool = False) -> StopOutcome:
+        """Write everything out, then try to unmount. Never raises for a busy mount.
+
+        ``retry``: if the mount is busy, keep trying (``retry_while_busy``) until it is not.
+        """
         async with self._lock:
             if self.stopping:
                 return StopOutcome(True)
@@ -92,8 +103,32 @@ class Shutdown:
                 log.warning("%s is in use, serving on (writing through): %s", self.mountpoint, why)
             else:
                 log.error("%s could not be unmounted, serving on: %s", self.mountpoint, why)
-            self.notifier.send(STATUS=f"not unmounted, serving on: {why}")
+            if retry and outcome.busy:
+                self._retry.set()
+                self.notifier.send(
+                    STATUS=f"in use, unmounting once the holders let go (serving on): {why}"
+                )
+            else:
+                self.notifier.send(STATUS=f"not unmounted, serving on: {why}")
             return outcome
+
+    async def retry_while_busy(self) -> None:
+        """Once a stop signal found the mount busy, retry the unmount until it succeeds.
+
+        Runs beside the serving loop for its whole life; a successful unmount ends that loop.
+        """
+        await self._retry.wait()
+        assert self.mountpoint is not None
+        while True:
+            await trio.sleep(RETRY_INTERVAL)
+            async with self._lock:
+                if self.stopping:
+                    return
+                outcome = await self._unmount(self.mountpoint, name_holders=False)
+                if outcome.stopping:
+                    log.info("%s: no longer in use, unmounted", self.mountpoint)
+                    self.stopping = True
+                    return
 
     async def write_out(self) -> None:
         """Write out and sync every disk, telling systemd to wait while it takes.
@@ -118,8 +153,11 @@ class Shutdown:
             self.notifier.send(EXTEND_TIMEOUT_USEC=_EXTEND_SECONDS * 1_000_000)
             await trio.sleep(_EXTEND_SECONDS / 3)
 
-    async def _unmount(self, mountpoint: str) -> StopOutcome:
-        """A normal (not lazy) unmount by ``fusermount3 -u``."""
+    async def _unmount(self, mountpoint: str, *, name_holders: bool = True) -> StopOutcome:
+        """A normal (not lazy) unmount by ``fusermount3 -u``.
+
+        ``name_holders``: look up who holds a busy mount (a scan of /proc) for the answer.
+        """
         try:
             result = await trio.run_process(
                 ["fusermount3", "-u", mountpoint],
@@ -133,6 +171,8 @@ class Shutdown:
             return StopOutcome(True)
         message = result.stderr.decode(errors="replace").strip()
         if "busy" in message:
+            if not name_holders:
+                return StopOutcome(False, True)
             named = holders(mountpoint) or ["a holder not visible to this user"]
             return StopOutcome(False, True, tuple(named))
         return StopOutcome(False, False, (message or f"fusermount3 exited {result.returncode}",))
