@@ -1,21 +1,27 @@
 """Real images that must open, and hostile ones that must be refused quickly, in one line.
 
 Each class here was seen failing: a child carrying its parent's unique id (MiniVHD), a BAT
-that covers less than the disk, a size no file can have, parents that are FIFOs, devices,
-sockets or directories, and locator text that is not a printable path.
+that covers less than the disk, a size no file can have, a BAT that claims more blocks than the
+file can hold (a table left a hole reads as entries of 0, not unallocated), parents that are
+FIFOs, devices, sockets or directories, and locator text that is not a printable path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
+import resource
 import socket
 import struct
 import subprocess
+from array import array
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.craft import Item, Parent, craft, unique_id_of
+from tests.support.craft import Item, Parent, craft, craft_sparse, unique_id_of
 from tests.support.mounting import is_mounted, vhd_command, vhdfs_command
 from tests.support.vhdwrite import rewrite_footers, rewrite_header
 from vhdfs.errors import (
@@ -24,9 +30,11 @@ from vhdfs.errors import (
     ImageAccessError,
     ParentNotFoundError,
 )
+from vhdfs.image import regions
 from vhdfs.image.chain import Chain
 from vhdfs.image.check import check_chain
 from vhdfs.image.create import create_differencing, create_dynamic
+from vhdfs.image.vhd import VhdImage
 
 BLOCK = 64 << 10
 SIZE = 4 * BLOCK
@@ -114,6 +122,155 @@ def test_largest_size_a_bat_cannot_cover_is_refused(tmp_path: Path) -> None:
     rewrite_footers(image, {48: struct.pack(">Q", (1 << 63) - 512)})
     with pytest.raises(CorruptMetadataError, match="max table entries 2 cover 131072 bytes"):
         Chain.open(str(image))
+
+
+# -- tables that claim more blocks than the file holds ----------------------------------------
+
+#: Sizes claimed with 512-byte blocks: 64 GiB (a BAT of 512 MiB), and the most entries a header
+#: can give, 2^32 - 1 (2 TiB, a BAT of 16 GiB). Either table is left a hole: every entry is 0.
+HOLE_SIZES = {"64GiB": 64 << 30, "2TiB": (2**32 - 1) * 512}
+#: Address space the commands get: a small fraction of what such a table would take kept.
+COMMAND_MEMORY = 512 << 20
+
+
+def _hole_image(tmp_path: Path, name: str) -> tuple[Path, str]:
+    """An image claiming ``HOLE_SIZES[name]`` with a BAT of zeros, and the error it must get."""
+    image = tmp_path / "hole.vhd"
+    craft_sparse(image, size=HOLE_SIZES[name], block_size=512)
+    message = (
+        f"{image}: BAT entry 0 = sector 0: block at 0..1024 overlaps the footer copy at 0..512"
+    )
+    return image, message
+
+
+@contextlib.contextmanager
+def _address_space_to_spare(extra: int) -> Iterator[None]:
+    """Let this process map at most ``extra`` more bytes for a while.
+
+    A regression then fails the test with a MemoryError instead of taking the machine's memory.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/status") as f:
+        mapped = next(int(line.split()[1]) << 10 for line in f if line.startswith("VmSize:"))
+    limit = mapped + extra if hard == resource.RLIM_INFINITY else min(mapped + extra, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _limit_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (COMMAND_MEMORY, COMMAND_MEMORY))
+
+
+def _run_limited(command: list[str], *args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*command, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=_limit_memory,
+    )
+
+
+@pytest.mark.parametrize("name", HOLE_SIZES)
+def test_bat_left_a_hole_is_refused_at_its_first_entry(name: str, tmp_path: Path) -> None:
+    image, message = _hole_image(tmp_path, name)
+    with pytest.raises(CorruptMetadataError) as caught, _address_space_to_spare(256 << 20):
+        Chain.open(str(image))
+    assert str(caught.value) == message
+    with _address_space_to_spare(256 << 20):
+        report = check_chain(str(image))
+    assert (report.exit_code, [str(f) for f in report.findings]) == (1, [f"error: {message}"])
+
+
+@pytest.mark.parametrize("name", HOLE_SIZES)
+def test_commands_refuse_a_bat_left_a_hole_in_bounded_memory(name: str, tmp_path: Path) -> None:
+    image, message = _hole_image(tmp_path, name)
+    result = _run_limited(vhd_command(), "check", image)
+    assert (result.returncode, result.stdout, result.stderr) == (1, f"error: {message}\n", "")
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    result = _run_limited(vhdfs_command(), image, mountpoint)
+    assert (result.returncode, result.stdout, result.stderr) == (3, "", f"vhdfs: {message}\n")
+    assert not is_mounted(str(mountpoint))
+
+
+def test_more_allocated_entries_than_the_file_holds_are_refused_when_counted(
+    tmp_path: Path,
+) -> None:
+    # Room for two blocks, named over and over, out of order: no entry overlaps the one
+    # before it, but the third is one block more than the file can hold.
+    image = tmp_path / "d.vhd"
+    size = 1024 * 512
+    first = craft_sparse(image, size=size, block_size=512, data_bytes=2 * 1024)
+    craft_sparse(
+        image, size=size, block_size=512, data_bytes=2 * 1024, table=[first, first + 2] * 512
+    )
+    data_end = first * 512 + 2 * 1024
+    with pytest.raises(CorruptMetadataError) as caught:
+        VhdImage.open(str(image))
+    assert str(caught.value) == (
+        f"{image}: BAT entry 2 = sector {first} is allocated block 3, but {data_end} bytes of "
+        "data hold at most 2 blocks of 1024 bytes beside the metadata: blocks overlap"
+    )
+
+
+def test_a_bat_repeating_itself_is_refused_before_it_is_all_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A table whose pages repeat costs little on a file system that shares extents: the
+    # repeat is found when the starts kept first reach the interim check.
+    monkeypatch.setattr(regions, "FIRST_INTERIM_CHECK", 8)
+    monkeypatch.setattr(regions, "SORT_CHUNK", 4)
+    blocks = regions.BlockStarts(2)
+    page = array("I", [10, 20, 30, 40])
+    assert blocks.add(page) is None
+    assert blocks.add(page) == (10, 10)
+    assert len(blocks) == 8
+
+
+#: More blocks than the sort of out-of-order starts takes at a time (``regions.SORT_CHUNK``).
+MANY = 150_000
+
+
+def _many_blocks(tmp_path: Path, order: str) -> tuple[Path, int, list[int]]:
+    """An image of ``MANY`` 512-byte blocks filling its data area, listed in ``order``."""
+    image = tmp_path / "d.vhd"
+    size = MANY * 512
+    first = craft_sparse(image, size=size, block_size=512, data_bytes=MANY * 1024)
+    starts = [first + 2 * block for block in range(MANY)]
+    if order == "reversed":
+        starts.reverse()
+    else:
+        random.Random(5).shuffle(starts)
+    return image, first, starts
+
+
+@pytest.mark.parametrize("order", ["reversed", "shuffled"])
+def test_many_blocks_out_of_order_open_and_check_clean(order: str, tmp_path: Path) -> None:
+    image, first, starts = _many_blocks(tmp_path, order)
+    craft_sparse(image, size=MANY * 512, block_size=512, data_bytes=MANY * 1024, table=starts)
+    opened = VhdImage.open(str(image))
+    try:
+        assert (opened.allocated_blocks, opened.data_end) == (MANY, (first + 2 * MANY) * 512)
+    finally:
+        opened.close()
+    report = check_chain(str(image))
+    assert (report.exit_code, report.findings, report.leaked_bytes) == (0, [], 0)
+
+
+def test_two_entries_for_one_block_far_apart_in_a_shuffled_bat(tmp_path: Path) -> None:
+    image, _, starts = _many_blocks(tmp_path, "shuffled")
+    twin = starts[10]
+    starts[-1] = twin  # one block fewer than the file holds: only the sort can tell
+    craft_sparse(image, size=MANY * 512, block_size=512, data_bytes=MANY * 1024, table=starts)
+    with pytest.raises(CorruptMetadataError) as caught:
+        VhdImage.open(str(image))
+    assert str(caught.value) == (
+        f"{image}: BAT entries at sectors {twin} and {twin} overlap (a block spans 2 sectors)"
+    )
 
 
 # -- parents that are not files --------------------------------------------------------------

@@ -149,3 +149,40 @@ def _header(
         struct.pack_into(">4sIIIQ", header, 576 + 24 * slot, code, space, length, 0, offset)
     struct.pack_into(">I", header, 36, _checksum(header, 36))
     return bytes(header)
+
+
+def craft_sparse(
+    path: str | os.PathLike[str],
+    *,
+    size: int,
+    block_size: int,
+    table: Sequence[int] = (),
+    data_bytes: int = 0,
+) -> int:
+    """Write a dynamic image whose BAT and data are left holes where not given.
+
+    The footer copy is at 0, the header at 512, the BAT right after it, then ``data_bytes`` of
+    data area and the footer. Only ``table`` is written, as the first BAT entries: the rest of
+    the table reads as entries of 0 (not 0xFFFFFFFF, unallocated), and every block as zeros,
+    so the file takes a few KiB on disk whatever it claims. Returns the first sector of the
+    data area.
+
+    Args:
+        size: Virtual size claimed by the footer; the BAT has just enough entries for it.
+        block_size: Block size claimed by the header.
+        table: The first BAT entries (sector numbers, or 0xFFFFFFFF).
+        data_bytes: Bytes between the BAT's last sector and the footer.
+    """
+    entries = -(-size // block_size)
+    bat_offset = 3 * SECTOR
+    data_offset = bat_offset + -(-entries * 4 // SECTOR) * SECTOR
+    footer_offset = data_offset + data_bytes
+    footer = _footer(size, False, SECTOR)
+    with open(path, "wb") as f:
+        f.truncate(footer_offset + SECTOR)
+        f.write(footer)
+        f.write(_header(bat_offset, entries, block_size, None, []))
+        f.write(struct.pack(f">{len(table)}I", *table))
+        f.seek(footer_offset)
+        f.write(footer)
+    return data_offset // SECTOR

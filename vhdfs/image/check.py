@@ -14,11 +14,14 @@ file cannot be read at all.
 
 from __future__ import annotations
 
+from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from vhdfs.errors import HostIOError, ImageAccessError, ImageBusyError, VhdfsError
 from vhdfs.format.layout import FOOTER_SIZE, SECTOR, UNALLOCATED, DiskType
 from vhdfs.image.chain import Chain
+from vhdfs.image.regions import iter_sorted
 from vhdfs.image.vhd import VhdImage
 from vhdfs.text import printable
 
@@ -146,23 +149,42 @@ def _leaks(image: VhdImage) -> list[tuple[int, int]]:
     lies right before a block whose data is 4 KiB-aligned, or before a trailing footer at a
     position aligned the same way, as Windows and vhdfs place them. Anything else that is
     unreferenced is a leak, however small.
+
+    Blocks are kept as 4-byte starts (opening bounded their number by what the file can hold)
+    and walked in order by ``iter_sorted``, in bounded extra memory.
     """
-    used = [(r.start, r.end, False) for r in image.reserved]
+    starts = array("I")
     for page_no in range(image.bat_pages):
-        for entry in image.read_bat_page(page_no):
-            if entry != UNALLOCATED:
-                start = entry * SECTOR
-                aligned = (start + image.bitmap_size) % PADDING == 0
-                used.append((start, start + image.block_span, aligned))
+        entries = image.read_bat_page(page_no)
+        if entries.count(UNALLOCATED) < len(entries):
+            starts.extend(entry for entry in entries if entry != UNALLOCATED)
     footer_at = image.file.size - (image.trailing_footer_length or FOOTER_SIZE)
-    used.append((footer_at, image.file.size, (footer_at + image.bitmap_size) % PADDING == 0))
-    used.sort()
+    others = [(r.start, r.end, False) for r in image.reserved]
+    others.append((footer_at, image.file.size, (footer_at + image.bitmap_size) % PADDING == 0))
     leaks = []
     position = 0
-    for start, end, aligned in used:
+    for start, end, aligned in _in_order(image, starts, others):
         gap = start - position
         padding = gap < PADDING and (aligned or gap < image.block_span)
         if gap > 0 and not padding:
             leaks.append((position, start))
         position = max(position, end)
     return leaks
+
+
+def _in_order(
+    image: VhdImage, starts: array[int], others: list[tuple[int, int, bool]]
+) -> Iterator[tuple[int, int, bool]]:
+    """Blocks (given by start sector) and the few other used ranges, in order of start.
+
+    Each as ``(start, end, aligned)``: aligned when the block's data is 4 KiB-aligned (for
+    ``others``, as given).
+    """
+    pending = sorted(others, reverse=True)
+    span = image.block_span
+    for entry in iter_sorted(starts):
+        start = entry * SECTOR
+        while pending and pending[-1][0] <= start:
+            yield pending.pop()
+        yield start, start + span, (start + image.bitmap_size) % PADDING == 0
+    yield from reversed(pending)

@@ -4,10 +4,12 @@ Opening checks everything before anything is served: find a valid footer (the tr
 one, a 511-byte one, or the copy at offset 0), read and check the dynamic header, check that
 the BAT covers the whole disk, that every structure (footer copy, header, BAT, blktap's batmap,
 each parent locator's data) lies inside the file and overlaps no other, then stream through
-the BAT once to check every allocated block the same way (see ``regions``) and to learn where
-data ends. No order of structures is assumed: the spec fixes none. After ``open`` the image is
-trusted: requests are served from plain integers and arrays, and construct is never used again
-for this file.
+the BAT once, checking each allocated block the same way as it comes (see ``regions``), and
+learn where data ends. A table that claims more blocks than the file can hold is refused as
+soon as that shows: what opening costs follows what the file holds, not what its header claims.
+No order of structures is assumed: the spec fixes none. After ``open`` the image is trusted:
+requests are served from plain integers and arrays, and construct is never used again for this
+file.
 
 Problems that do not stop an image from opening (a footer copy that differs, a locator
 pointing past the end of the file) are collected in ``warnings``, never logged here: the
@@ -36,11 +38,11 @@ from vhdfs.format.records import DynamicHeader, parse_batmap_header, parse_dynam
 from vhdfs.image.footer import FooterLocation, locate_footer
 from vhdfs.image.hostfile import HostFile
 from vhdfs.image.regions import (
+    BlockStarts,
+    MetadataGuard,
     Region,
-    block_over,
+    block_capacity,
     check_disjoint,
-    first_block_overlap,
-    sorted_starts,
 )
 
 #: blktap writes a batmap after the BAT from creator version 1.2; version 1.1 images may have
@@ -242,28 +244,82 @@ class VhdImage:
         return [Region(offset, offset + SECTOR, "batmap header"), Region(start, end, "batmap")]
 
     def _scan_bat(self) -> None:
-        """Check every allocated block and find where data ends, one BAT page at a time."""
+        """Check every allocated block as the BAT streams by, and find where data ends.
+
+        Each entry is refused at once when its block runs past the end of data or into a
+        metadata region, and checked against the other blocks at once while blocks come in
+        increasing order (see ``BlockStarts``). The starts kept are bounded by what the file
+        can hold: more allocated entries than that is refused as soon as it is counted, so
+        a table whose claims the file cannot back (a hole reads as entries of 0, not as
+        unallocated) costs neither memory nor time in proportion to those claims.
+        """
         limit = self.trailing_footer_offset
-        starts = array("I")
-        data_end = 0
+        span = self.block_span
+        # The highest sector a block can start at and still end before the trailing footer.
+        last_start = (limit - span) // SECTOR
+        guard = MetadataGuard(self.metadata, span, SECTOR)
+        capacity = block_capacity(self.metadata, limit, span)
+        blocks = BlockStarts(span // SECTOR)
         unallocated_page = b"\xff" * BAT_PAGE_BYTES
         for page in range(self.bat_pages):
             raw = self._read_bat_bytes(page)
             if raw == unallocated_page[: len(raw)]:
                 continue
-            for index, entry in enumerate(decode_entries(raw), page * BAT_PAGE_ENTRIES):
-                if entry == UNALLOCATED:
-                    continue
-                end = entry * SECTOR + self.block_span
-                if end > limit:
-                    self._block_past_end(index, entry, end, limit)
-                starts.append(entry)
-                data_end = max(data_end, end)
-        self._check_blocks(sorted_starts(starts))
-        self.data_end = data_end
-        self.allocated_blocks = len(starts)
-        free = max(self.reserved[-1].end, data_end, self.trailing_footer_offset)
+            first = page * BAT_PAGE_ENTRIES
+            entries = decode_entries(raw)
+            allocated = _allocated(entries)
+            if not allocated:
+                continue
+            # A page whose blocks all lie between metadata and the end (the common case) is
+            # cleared as a whole; otherwise its entries are looked at one by one.
+            low, high = min(allocated), max(allocated)
+            if high > last_start or guard.touches(low, high):
+                self._check_entries(first, entries, last_start, guard)
+            kept = len(blocks)
+            pair = blocks.add(allocated)
+            if pair is not None:
+                self._blocks_overlap(pair)
+            if len(blocks) > capacity:
+                index = [i for i, e in enumerate(entries, first) if e != UNALLOCATED][
+                    capacity - kept
+                ]
+                raise CorruptMetadataError(
+                    self.path,
+                    f"BAT entry {index} = sector {entries[index - first]} is allocated block "
+                    f"{capacity + 1}, but {limit} bytes of data hold at most {capacity} blocks "
+                    f"of {span} bytes beside the metadata: blocks overlap",
+                )
+        pair = blocks.finish()
+        if pair is not None:
+            self._blocks_overlap(pair)
+        self.data_end = 0 if blocks.highest < 0 else blocks.highest * SECTOR + span
+        self.allocated_blocks = len(blocks)
+        free = max(self.reserved[-1].end, self.data_end, self.trailing_footer_offset)
         self.next_free = -(-free // SECTOR) * SECTOR
+
+    def _check_entries(
+        self, first: int, entries: array[int], last_start: int, guard: MetadataGuard
+    ) -> None:
+        """Refuse the first block of ``entries`` that runs past the end of data or into metadata.
+
+        ``entries`` are BAT entries ``first`` on, read from the table.
+        """
+        span = self.block_span
+        for index, entry in enumerate(entries, first):
+            if entry == UNALLOCATED:
+                continue
+            if entry > last_start:
+                self._block_past_end(
+                    index, entry, entry * SECTOR + span, self.trailing_footer_offset
+                )
+            region = guard.region_over(entry)
+            if region is not None:
+                start = entry * SECTOR
+                raise CorruptMetadataError(
+                    self.path,
+                    f"BAT entry {index} = sector {entry}: block at {start}..{start + span} "
+                    f"overlaps the {region.describe()}",
+                )
 
     def _block_past_end(self, index: int, entry: int, end: int, limit: int) -> None:
         start = entry * SECTOR
@@ -279,35 +335,13 @@ class VhdImage:
             f"ends at {limit} and its trailing footer is missing",
         )
 
-    def _check_blocks(self, starts: array[int]) -> None:
-        """No block touches a metadata region, and no two blocks share a sector."""
+    def _blocks_overlap(self, pair: tuple[int, int]) -> None:
         span = self.block_span // SECTOR
-        # Metadata first, for the more telling message; if blocks overlap each other, the
-        # bisection may miss a metadata overlap, but the second check then refuses anyway.
-        for region in self.metadata:
-            entry = block_over(region, starts, self.block_span, SECTOR)
-            if entry is not None:
-                start = entry * SECTOR
-                raise CorruptMetadataError(
-                    self.path,
-                    f"BAT entry {self._index_of(entry)} = sector {entry}: block at "
-                    f"{start}..{start + self.block_span} overlaps the {region.describe()}",
-                )
-        pair = first_block_overlap(starts, span)
-        if pair is not None:
-            raise CorruptMetadataError(
-                self.path,
-                f"BAT entries at sectors {pair[0]} and {pair[1]} overlap (a block spans "
-                f"{span} sectors)",
-            )
-
-    def _index_of(self, entry: int) -> int:
-        """The first block whose BAT entry is ``entry`` (only for messages: reads the BAT)."""
-        for page in range(self.bat_pages):
-            entries = self.read_bat_page(page)
-            if entry in entries:
-                return page * BAT_PAGE_ENTRIES + entries.index(entry)
-        raise AssertionError(f"BAT entry {entry} vanished")
+        raise CorruptMetadataError(
+            self.path,
+            f"BAT entries at sectors {pair[0]} and {pair[1]} overlap (a block spans {span} "
+            "sectors)",
+        )
 
     # -- metadata access (used through the block cache) ------------------------------------
 
@@ -382,3 +416,10 @@ def _read_header(file: HostFile, location: FooterLocation) -> DynamicHeader:
         )
     raw = file.pread_exact(offset, HEADER_SIZE, "dynamic header")
     return parse_dynamic_header(raw, file.path)
+
+
+def _allocated(entries: array[int]) -> array[int]:
+    """The entries that point at blocks, in BAT order."""
+    if UNALLOCATED not in entries:
+        return entries
+    return array("I", [entry for entry in entries if entry != UNALLOCATED])
