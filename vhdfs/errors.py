@@ -175,6 +175,13 @@ class HostIOError(VhdfsError):
         super().__init__(path, message)
 
 
+class StalledPathError(HostIOError):
+    """A file's lookup or open got no answer in time (a stopped FUSE daemon, a dead server)."""
+
+    code = "no-answer"
+    errno = _errno.ETIMEDOUT
+
+
 class NoSpaceError(VhdfsError):
     """A write beyond the end of the virtual disk, or no room left for a new block."""
 

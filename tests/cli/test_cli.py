@@ -199,3 +199,21 @@ def test_closed_pipe_is_not_an_error(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
     assert result.stderr == ""
     assert result.stdout.strip() in ("0", "141")  # done before the pipe closed, or SIGPIPE
+
+
+def test_busy_image_names_the_vhdfs_mount(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vhdfs.cli import tools_cmd
+    from vhdfs.errors import ImageBusyError
+
+    locked = ImageBusyError("/srv/d.vhd", "cannot lock for writing: in use by another program")
+    mounts = {"/srv/d.vhd": "/mnt/my disk"}
+    monkeypatch.setattr(tools_cmd, "mount_of", mounts.get)
+    named = tools_cmd.name_holder(locked)
+    assert (named.path, named.exit_code) == ("/srv/d.vhd", 6)
+    assert str(named) == (
+        "/srv/d.vhd: in use by the vhdfs mount at /mnt/my disk "
+        "(unmount it first: vhdfs -u '/mnt/my disk')"
+    )
+    # Held by something else (QEMU, another tool): the lock's own message stays.
+    other = ImageBusyError("/srv/other.vhd", locked.message)
+    assert tools_cmd.name_holder(other) is other

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,10 @@ def test_commit_remove_and_refusals(tmp_path: Path, mount: Any) -> None:
     m = mount([top], options=["ro"])
     busy = vhd("commit", top)
     assert busy.returncode == 6
+    # The refusal names the mount that holds the image, and how to let go of it.
+    held = f"in use by the vhdfs mount at {m.mountpoint}"
+    hint = f"(unmount it first: vhdfs -u {shlex.quote(m.mountpoint)})"
+    assert busy.stderr == f"vhd: {top}: {held} {hint}\n"
     assert m.stop() == 0
     assert vhd("commit", base).returncode == 2
     report = vhd_json("commit", "--all", "--remove", top)
@@ -193,6 +198,22 @@ def test_commit_remove_and_refusals(tmp_path: Path, mount: Any) -> None:
     assert not top.exists()
     assert not mid.exists()
     assert qemu_view(base, tmp_path) == expected
+
+
+def test_tools_name_the_mount_writing_an_image(tmp_path: Path, mount: Any) -> None:
+    paths, _ = _chain(tmp_path)
+    top = paths[0]
+    m = mount([top])  # read-write: a writer, nobody else may even read
+    held = f"in use by the vhdfs mount at {m.mountpoint}"
+    hint = f"(unmount it first: vhdfs -u {shlex.quote(m.mountpoint)})"
+    for args in (["commit", top], ["compact", top], ["convert", top, tmp_path / "out.vhd"]):
+        result = vhd(*args)
+        assert (result.returncode, result.stderr) == (6, f"vhd: {top}: {held} {hint}\n"), args
+    check = vhd("check", top)
+    assert check.returncode == 2
+    assert f"error: {top}: {held} {hint}" in check.stdout
+    assert m.stop() == 0
+    assert not (tmp_path / "out.vhd").exists()
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,9 @@ mount options (-o, comma-separated, may be repeated; also accepted after the pos
   ro                  read-only
   overlay=PATH        write into the differencing image PATH on top of IMAGE (created if
                       missing; reused if its parent is IMAGE); IMAGE itself is never written
+  parents=DIR         open only parents whose real path (symbolic links and .. resolved)
+                      lies inside DIR; others are not opened at all. For images made by
+                      others: their locators may name any file you can read
   partitions          also serve each MBR or GPT partition of a disk as NAME.p1, NAME.p2...
                       (numbered as Linux numbers them; they follow the table as it changes)
   writeback=SECONDS   written data waits in memory at most this long before it is written

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 from dataclasses import asdict
 from typing import Any
 
@@ -15,7 +16,8 @@ import trio
 
 from vhdfs.cli.info import render_json
 from vhdfs.cli.progress import ProgressLine
-from vhdfs.errors import ExitCode, UsageError
+from vhdfs.daemon.mounts import mount_of
+from vhdfs.errors import ExitCode, ImageBusyError, UsageError
 from vhdfs.image.create import DEFAULT_BLOCK_SIZE, check_block_size
 from vhdfs.text import printable
 from vhdfs.tools.compact import compact
@@ -65,6 +67,16 @@ def _progress_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def parents_option(parser: argparse.ArgumentParser) -> None:
+    """``--parents DIR``, for every subcommand that follows a chain's locators."""
+    parser.add_argument(
+        "--parents",
+        metavar="DIR",
+        help="open only parents that lie inside DIR, symbolic links resolved (for images "
+        "made by others)",
+    )
+
+
 def add_parsers(sub: Any) -> None:
     """Add the tools' subcommands to the ``vhd`` parser."""
     formatter = argparse.RawDescriptionHelpFormatter
@@ -98,6 +110,7 @@ def add_parsers(sub: Any) -> None:
         action="store_true",
         help="a fixed VHD with the size rounded up to a whole MiB, as Azure requires",
     )
+    parents_option(convert_parser)
     _progress_option(convert_parser)
     _json_option(convert_parser)
 
@@ -115,6 +128,7 @@ def add_parsers(sub: Any) -> None:
     commit_parser.add_argument(
         "--remove", action="store_true", help="remove each committed image instead of emptying it"
     )
+    parents_option(commit_parser)
     _progress_option(commit_parser)
     _json_option(commit_parser)
 
@@ -163,6 +177,7 @@ def run_convert(args: argparse.Namespace) -> int:
         args.type,
         block_size,
         args.azure,
+        args.parents,
     )
     progress = ProgressLine(f"converting {args.source}", args.progress)
     report = trio.run(convert, request, progress)
@@ -179,7 +194,7 @@ def run_convert(args: argparse.Namespace) -> int:
 def run_commit(args: argparse.Namespace) -> int:
     """``vhd commit``."""
     progress = ProgressLine(f"committing {args.child}", args.progress)
-    report = trio.run(_commit, args.child, args.all, args.remove, progress)
+    report = trio.run(_commit, args.child, args.all, args.remove, progress, args.parents)
     progress.finish()
     for _, parent in report.levels:
         log.warning(
@@ -201,8 +216,12 @@ def run_commit(args: argparse.Namespace) -> int:
     )
 
 
-async def _commit(child: str, all_levels: bool, remove: bool, progress: ProgressLine) -> Any:
-    return await commit(child, all_levels=all_levels, remove=remove, progress=progress)
+async def _commit(
+    child: str, all_levels: bool, remove: bool, progress: ProgressLine, parents: str | None
+) -> Any:
+    return await commit(
+        child, all_levels=all_levels, remove=remove, progress=progress, parents=parents
+    )
 
 
 def run_compact(args: argparse.Namespace) -> int:
@@ -229,6 +248,24 @@ def run_resize(args: argparse.Namespace) -> int:
         asdict(report),
         f"resized {report.image}: {format_size(report.old_size)} -> "
         f"{format_size(report.new_size)} ({report.new_size} bytes){moved}",
+    )
+
+
+def name_holder(exc: ImageBusyError) -> ImageBusyError:
+    """``exc`` naming the vhdfs mount that holds its image, when a vhdfs mount does.
+
+    The tools only see a lock held by another program (``tools/`` knows nothing of mounts);
+    a vhdfs mount carries the canonical path of its image as its source, so the mount table
+    tells which one it is, and how to let go of it.
+    """
+    if exc.path is None:
+        return exc
+    holder = mount_of(exc.path)
+    if holder is None:
+        return exc
+    return ImageBusyError(
+        exc.path,
+        f"in use by the vhdfs mount at {holder} (unmount it first: vhdfs -u {shlex.quote(holder)})",
     )
 
 

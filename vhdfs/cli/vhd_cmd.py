@@ -7,11 +7,12 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 
 from vhdfs import __version__
 from vhdfs.cli.info import chain_report, failed_report, render_json, render_text
-from vhdfs.cli.tools_cmd import RUNNERS, add_parsers
-from vhdfs.errors import ExitCode, UsageError, VhdfsError
+from vhdfs.cli.tools_cmd import RUNNERS, add_parsers, name_holder, parents_option
+from vhdfs.errors import ExitCode, ImageBusyError, UsageError, VhdfsError
 from vhdfs.image.chain import Chain
 from vhdfs.image.check import check_chain
 from vhdfs.image.create import (
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         "matches.",
     )
     info.add_argument("image", metavar="IMAGE")
+    parents_option(info)
     info.add_argument("--json", action="store_true", help="machine-readable output")
 
     check = sub.add_parser(
@@ -90,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         "file could not be read (or is in use by a writer).",
     )
     check.add_argument("image", metavar="IMAGE")
+    parents_option(check)
     check.add_argument("--json", action="store_true", help="machine-readable output")
     check.add_argument(
         "--azure",
@@ -125,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument(
         "-p", "--parent", metavar="PARENT", help="create a differencing child of PARENT"
     )
+    parents_option(create)
     add_parsers(sub)
     return parser
 
@@ -137,20 +141,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(PROGRAM)
     try:
         if args.command == "info":
-            return _info(args.image, as_json=args.json)
+            return _info(args.image, as_json=args.json, parents=args.parents)
         if args.command == "check":
-            return _check(args.image, as_json=args.json, azure=args.azure)
+            return _check(args.image, as_json=args.json, azure=args.azure, parents=args.parents)
         if args.command in RUNNERS:
             return RUNNERS[args.command](args)
         return _create(args)
+    except ImageBusyError as exc:
+        busy = name_holder(exc)
+        error(PROGRAM, busy)
+        return busy.exit_code
     except VhdfsError as exc:
         error(PROGRAM, exc)
         return exc.exit_code
 
 
-def _info(path: str, *, as_json: bool) -> int:
+def _info(path: str, *, as_json: bool, parents: str | None) -> int:
     try:
-        chain, chain_error = Chain.open_partial(path, lock=False)
+        chain, chain_error = Chain.open_partial(path, lock=False, parents=parents)
     except VhdfsError as exc:
         if not as_json:
             raise
@@ -164,8 +172,12 @@ def _info(path: str, *, as_json: bool) -> int:
     return ExitCode.OK if chain_error is None else chain_error.exit_code
 
 
-def _check(path: str, *, as_json: bool, azure: bool) -> int:
-    report = check_chain(path, azure=azure)
+def _check(path: str, *, as_json: bool, azure: bool, parents: str | None) -> int:
+    report = check_chain(path, azure=azure, parents=parents)
+    for index, finding in enumerate(report.findings):
+        if finding.code == ImageBusyError.code:  # say which vhdfs mount, if one holds it
+            named = name_holder(ImageBusyError(finding.path, finding.message))
+            report.findings[index] = replace(finding, message=named.message)
     if as_json:
         document = {
             "image": report.image,
@@ -210,11 +222,13 @@ def _create(args: argparse.Namespace) -> int:
             raise UsageError(None, "a differencing image has its parent's size; drop SIZE")
         if args.type is not None:
             raise UsageError(None, "--type does not apply with --parent")
-        footer = create_differencing(args.image, args.parent, block_size)
+        footer = create_differencing(args.image, args.parent, block_size, parents=args.parents)
         kind = f"differencing (parent {args.parent})"
     else:
         if not size_text:
             raise UsageError(None, "SIZE is required without --parent")
+        if args.parents is not None:
+            raise UsageError(None, "--parents applies only with --parent")
         size = _size_argument(size_text, "size")
         if args.type == "fixed":
             if args.block_size is not None:

@@ -177,6 +177,10 @@ def _apply_value(options: MountOptions, key: str, value: str) -> None:
         if not value:
             raise UsageError(None, "overlay= needs the path of the overlay image")
         options.overlay = value
+    elif key == "parents":
+        if not value:
+            raise UsageError(None, "parents= needs the folder parents must lie in")
+        options.disk.parents = os.path.abspath(value)
     elif key == "io":
         try:
             options.disk.io_mode = IoMode(value)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import partial
 
 import trio
 
@@ -34,6 +35,7 @@ from vhdfs.disk.writeback import (
 )
 from vhdfs.errors import HostIOError, ImageError, NoSpaceError, ReadOnlyError
 from vhdfs.format.layout import SECTOR
+from vhdfs.image.bounded import LOOKUP_TIME_LIMIT, bounded
 from vhdfs.image.chain import Chain
 from vhdfs.image.extents import Extent
 
@@ -71,6 +73,10 @@ class DiskOptions:
     writeback: float = DEFAULT_INTERVAL
     dirty_limit: int = DEFAULT_DIRTY_LIMIT
     io_mode: IoMode = IoMode.INLINE
+    #: ``parents=DIR``: open only parents whose real path lies inside this folder.
+    parents: str | None = None
+    #: Seconds that finding and opening one image file may take (a stalled mount).
+    time_limit: float = LOOKUP_TIME_LIMIT
 
 
 class VirtualDisk:
@@ -299,15 +305,19 @@ def open_disk(
     options = options or DiskOptions()
     writable = not options.read_only
     fallback: list[str] = []
-    if writable and os.path.exists(path) and not os.access(path, os.W_OK):
+    if writable and not bounded(partial(_may_write, path), path=path, limit=options.time_limit):
         fallback.append(_cannot_write(path, options, "you cannot write to it"))
         writable = False
-    chain = Chain.open(path, writable=writable)
+    chain = Chain.open(
+        path, writable=writable, parents=options.parents, time_limit=options.time_limit
+    )
     if writable and (problem := chain.leaf.write_problem()) is not None:
         chain.close()
         fallback.append(_cannot_write(path, options, problem.message))
         writable = False
-        chain = Chain.open(path, writable=False)
+        chain = Chain.open(
+            path, writable=False, parents=options.parents, time_limit=options.time_limit
+        )
     cache = BlockCache(chain, options.cache_size)
     hostio = hostio or HostIO(options.io_mode)
     writeback = None
@@ -318,6 +328,11 @@ def open_disk(
     disk = VirtualDisk(chain, cache, hostio, writeback)
     disk.warnings[:0] = fallback
     return disk
+
+
+def _may_write(path: str) -> bool:
+    """False for an existing image the user cannot write (a missing one is Chain's to name)."""
+    return not os.path.exists(path) or os.access(path, os.W_OK)
 
 
 def _cannot_write(path: str, options: DiskOptions, reason: str) -> str:

@@ -62,15 +62,15 @@ class CheckReport:
         return 1 if any(f.severity == "error" for f in self.findings) else 0
 
 
-def check_chain(path: str, *, azure: bool = False) -> CheckReport:
+def check_chain(path: str, *, azure: bool = False, parents: str | None = None) -> CheckReport:
     """Check ``path`` and every parent; never raises for problems in the images.
 
     With ``azure``, also Azure's rules for an uploaded disk: a fixed image whose virtual size
-    is a whole number of MiB.
+    is a whole number of MiB. ``parents`` confines the parents to a folder (``Chain.open``).
     """
     report = CheckReport(image=path)
     try:
-        chain, chain_error = Chain.open_partial(path, writable=False, lock=True)
+        chain, chain_error = Chain.open_partial(path, writable=False, lock=True, parents=parents)
     except VhdfsError as exc:
         _record_open_failure(report, path, exc)
         return report

@@ -142,11 +142,18 @@ def create_dynamic(path: str, size: int, block_size: int = DEFAULT_BLOCK_SIZE) -
 
 
 def create_differencing(
-    path: str, parent_path: str, block_size: int = DEFAULT_BLOCK_SIZE
+    path: str,
+    parent_path: str,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    *,
+    parents: str | None = None,
 ) -> Footer:
-    """Create an empty child of ``parent_path``, which must open as a complete chain."""
+    """Create an empty child of ``parent_path``, which must open as a complete chain.
+
+    ``parents`` confines the parents of ``parent_path`` to a folder (``Chain.open``).
+    """
     check_block_size(block_size)
-    chain = Chain.open(parent_path, lock=False)
+    chain = Chain.open(parent_path, lock=False, parents=parents)
     try:
         parent = chain.leaf
         footer = new_footer(
@@ -158,7 +165,10 @@ def create_differencing(
         parent_mtime = os.fstat(parent.file.fd).st_mtime
         parent_abs = os.path.abspath(parent.path)
         _write_sparse_image(
-            path, footer, block_size, parent=(parent.footer.unique_id, parent_mtime, parent_abs)
+            path,
+            footer,
+            block_size,
+            parent=(parent.footer.unique_id, parent_mtime, parent_abs),
         )
     finally:
         chain.close()

@@ -48,6 +48,8 @@ class ConvertRequest:
     block_size: int = DEFAULT_BLOCK_SIZE
     #: A fixed VHD whose size is rounded up to a whole MiB, as Azure requires.
     azure: bool = False
+    #: Open only parents of SRC whose real path lies inside this folder.
+    parents: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +126,8 @@ def _open_source(request: ConvertRequest) -> tuple[VirtualDisk | _RawSource, str
     if request.source_format == "raw":
         return _RawSource(request.source), "raw"
     try:
-        return open_disk(request.source, DiskOptions(read_only=True)), "vhd"
+        options = DiskOptions(read_only=True, parents=request.parents)
+        return open_disk(request.source, options), "vhd"
     except OtherFormatError:
         raise
     except NotAVhdError:

@@ -48,9 +48,16 @@ class CommitReport:
 
 
 async def commit(
-    path: str, *, all_levels: bool = False, remove: bool = False, progress: Progress | None = None
+    path: str,
+    *,
+    all_levels: bool = False,
+    remove: bool = False,
+    progress: Progress | None = None,
+    parents: str | None = None,
 ) -> CommitReport:
     """Commit the differencing image ``path`` into its parent (and further, ``all_levels``).
+
+    ``parents`` confines every parent to a folder (``Chain.open``).
 
     Raises:
         UsageError: ``path`` is not a differencing image.
@@ -59,8 +66,8 @@ async def commit(
     report = CommitReport(path)
     child = path
     while True:
-        parent = _parent_of(child)
-        done = await _commit_level(child, parent, remove, progress)
+        parent = _parent_of(child, parents)
+        done = await _commit_level(child, parent, remove, progress, parents)
         report.levels.append((child, parent))
         report.bytes_committed += done
         if remove:
@@ -70,8 +77,8 @@ async def commit(
         child = parent
 
 
-def _parent_of(path: str) -> str:
-    chain = Chain.open(path, lock=False)
+def _parent_of(path: str, parents: str | None) -> str:
+    chain = Chain.open(path, lock=False, parents=parents)
     try:
         if chain.leaf.kind != DiskType.DIFFERENCING:
             raise UsageError(path, "not a differencing image: it has no parent to commit into")
@@ -89,7 +96,11 @@ def _kind(path: str) -> DiskType:
 
 
 async def _commit_level(
-    child_path: str, parent_path: str, remove: bool, progress: Progress | None
+    child_path: str,
+    parent_path: str,
+    remove: bool,
+    progress: Progress | None,
+    parents: str | None,
 ) -> int:
     child = VhdImage.open(child_path, writable=True)
     try:
@@ -97,7 +108,8 @@ async def _commit_level(
         problem = child.write_problem()
         if problem is not None:
             raise ImageError(child_path, f"cannot commit: {problem}")
-        parent = open_disk(parent_path, DiskOptions(explicit_rw=True, writeback=3600))
+        options = DiskOptions(explicit_rw=True, writeback=3600, parents=parents)
+        parent = open_disk(parent_path, options)
         try:
             assert child.header is not None
             if parent.chain.leaf.footer.unique_id != child.header.parent_unique_id:
