@@ -28,17 +28,27 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]" >&2
 
 # On root's standard PATH: mount.fuse3 (mount, fstab, systemd .mount units) starts `vhdfs` with
-# a fixed PATH, and the systemd unit calls /usr/local/bin/vhdfs.
-if [ "$(id -u)" = 0 ]; then
+# a fixed PATH, and the systemd unit calls /usr/local/bin/vhdfs. These links, the manual pages
+# and the completion point into this checkout, for development. A system-wide installation
+# (scripts/install.sh: /usr/local/bin/vhdfs links into a virtualenv holding an install-manifest)
+# keeps them: it is left alone, and mount(8) and systemd go on running the installed copy.
+installed=""
+if [ -L /usr/local/bin/vhdfs ]; then
+    home=$(dirname "$(dirname "$(readlink /usr/local/bin/vhdfs)")")
+    [ -f "$home/install-manifest" ] && installed=$home
+fi
+if [ "$(id -u)" = 0 ] && [ -n "$installed" ]; then
+    echo "setup: vhdfs is installed system-wide in $installed (scripts/install.sh);" \
+        "/usr/local/bin/vhdfs and vhd, the manual pages and completion stay that copy's" >&2
+elif [ "$(id -u)" = 0 ]; then
     for program in vhdfs vhd; do
         ln -sfn "$PWD/.venv/bin/$program" "/usr/local/bin/$program"
     done
-fi
-
-# Manual pages and bash completion, where man(1) and bash-completion look for local additions.
-if [ "$(id -u)" = 0 ]; then
+    # Manual pages and bash completion, where man(1) and bash-completion look for local
+    # additions.
     install -D -m 644 -t /usr/local/share/man/man1 data/man/vhdfs.1 data/man/vhd.1
-    install -D -m 644 data/bash-completion/vhd /usr/local/share/bash-completion/completions/vhd
+    install -D -m 644 -t /usr/local/share/bash-completion/completions \
+        data/bash-completion/vhd data/bash-completion/vhdfs
 fi
 
 # The QEMU guest of the hypervisor tests (kernel and initramfs, built once into .cache/guest).
