@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from vhdfs import __version__
 from vhdfs.cache.block_cache import DEFAULT_CACHE_SIZE
+from vhdfs.cli.resources import raise_open_file_limit
 from vhdfs.daemon.control import unmount
 from vhdfs.daemon.lifecycle import PROGRAM, mount
 from vhdfs.daemon.options import parse_mount_options
@@ -147,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``vhdfs``; returns the exit status."""
+    raise_open_file_limit()
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)
     setup_logging(PROGRAM, debug=args.debug)

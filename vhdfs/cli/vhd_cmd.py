@@ -11,6 +11,7 @@ from dataclasses import replace
 
 from vhdfs import __version__
 from vhdfs.cli.info import chain_report, failed_report, render_json, render_text
+from vhdfs.cli.resources import raise_open_file_limit
 from vhdfs.cli.tools_cmd import RUNNERS, add_parsers, name_holder, parents_option
 from vhdfs.errors import ExitCode, ImageBusyError, UsageError, VhdfsError
 from vhdfs.image.chain import Chain
@@ -137,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``vhd``; returns the exit status."""
     # Like any filter: a closed pipe (vhd info | head) ends the program quietly.
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    raise_open_file_limit()
     args = build_parser().parse_args(argv)
     setup_logging(PROGRAM)
     try:

@@ -82,8 +82,9 @@ def mount(
             RawFile(
                 raw_name(image),
                 disk,
-                os.stat(disk.chain.leaf.path),
+                os.fstat(disk.chain.leaf.file.fd),
                 PartitionTable(disk) if options.partitions else None,
+                _least_open(disk),
             )
             for image, disk in zip(images, disks, strict=True)
         ]
@@ -158,9 +159,10 @@ def _check_mountpoint(mountpoint: str, images: list[str], partitions: bool) -> b
         return True
     if not stat.S_ISDIR(st.st_mode):
         raise MountError(mountpoint, "mountpoint is neither a directory nor a regular file")
-    names = [raw_name(image) for image in images]
-    for name in set(names):
-        clashing = [image for image, n in zip(images, names, strict=True) if n == name]
+    served: dict[str, list[str]] = {}
+    for image in images:
+        served.setdefault(raw_name(image), []).append(image)
+    for name, clashing in served.items():
         if len(clashing) > 1:
             raise UsageError(None, f"images {', '.join(clashing)} would all be served as {name}")
     return False
@@ -182,6 +184,7 @@ def _open_disks(
     overlay = _prepare_overlay(images, options, stack)
     disk_options = replace(options.disk, explicit_rw=True)
     disk = _open(overlay, disk_options, stack)
+    _check_overlay_owner(disk)  # on the opened file: a swap after any earlier look is moot
     image = os.path.abspath(images[0])
     layers = disk.chain.layers
     if len(layers) < 2 or not os.path.samestat(os.fstat(layers[1].file.fd), os.stat(image)):
@@ -205,10 +208,38 @@ def _open(path: str, options: DiskOptions, stack: contextlib.ExitStack) -> Virtu
     return disk
 
 
+def _least_open(disk: VirtualDisk) -> int:
+    """The permission bits every layer of a disk's chain grants (the raw file shows no more)."""
+    bits = 0o7777
+    for layer in disk.chain.layers:
+        bits &= stat.S_IMODE(os.fstat(layer.file.fd).st_mode)
+    return bits
+
+
+def _check_overlay_owner(disk: VirtualDisk) -> None:
+    """Refuse an existing overlay that another user owns or may write.
+
+    Our writes would go into their file, and they could change what we read.
+    """
+    st = os.fstat(disk.chain.leaf.file.fd)
+    if st.st_uid != os.geteuid():
+        raise UsageError(
+            disk.chain.leaf.path,
+            f"overlay belongs to another user (uid {st.st_uid}); use an overlay of your own",
+        )
+    if st.st_mode & 0o022:
+        raise UsageError(
+            disk.chain.leaf.path,
+            "overlay may be written by other users (group or others have write permission); "
+            "use an overlay only you can write",
+        )
+
+
 def _prepare_overlay(images: list[str], options: MountOptions, stack: contextlib.ExitStack) -> str:
     """The overlay of ``overlay=``, created if it does not exist.
 
-    A created overlay is removed again if the mount then fails.
+    A new overlay gets the base image's permission bits, so it shows the base's data no more
+    openly than the base does. A created overlay is removed again if the mount then fails.
     """
     if len(images) != 1:
         raise UsageError(None, "overlay= takes exactly one IMAGE")
@@ -217,7 +248,13 @@ def _prepare_overlay(images: list[str], options: MountOptions, stack: contextlib
     assert options.overlay is not None
     overlay = os.path.abspath(options.overlay)
     if not os.path.lexists(overlay):
-        create_differencing(overlay, os.path.abspath(images[0]))
+        base = os.path.abspath(images[0])
+        create_differencing(
+            overlay,
+            base,
+            parents=options.disk.parents,
+            mode=stat.S_IMODE(os.stat(base).st_mode) & 0o666,
+        )
         stack.callback(os.unlink, overlay)
         log.info("created overlay %s on %s", overlay, images[0])
     return overlay

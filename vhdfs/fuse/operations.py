@@ -5,9 +5,10 @@ The tree is tiny. With a directory mountpoint the root is a directory holding on
 the raw disk itself. Handlers resolve the inode or handle, call the disk and build the reply;
 no image logic lives here.
 
-Attributes of a raw file come from its image file (owner, permission bits, times), with the
-write bits removed when the disk is read-only, and ``default_permissions`` makes the kernel
-enforce them.
+Attributes of a raw file come from its image file (owner, times) and from every layer of its
+chain (permission bits: only those all layers grant, so that a mount never shows a parent's
+data more openly than the parent file does), with the write bits removed when the disk is
+read-only, and ``default_permissions`` makes the kernel enforce them.
 
 There are deliberately no extended attributes: while a file system answers ``getxattr`` at
 all, the kernel asks it for ``security.capability`` before every single write (to clear
@@ -54,12 +55,16 @@ _OWN = Ownership()
 
 @dataclass(frozen=True, slots=True)
 class RawFile:
-    """One raw disk file of the mount; ``partitions`` when ``-o partitions`` shows them too."""
+    """One raw disk file of the mount; ``partitions`` when ``-o partitions`` shows them too.
+
+    ``image`` gives owner and times; ``permissions`` the mode bits (the image's if ``None``).
+    """
 
     name: str
     disk: VirtualDisk
     image: os.stat_result
     partitions: PartitionTable | None = None
+    permissions: int | None = None
 
     @property
     def stem(self) -> str:
@@ -157,14 +162,18 @@ class VhdfsOperations(pyfuse3.Operations):
         else:
             raw = self._file(inode if size is None else self._raw_inode_of(inode))
             source = raw.image
-            mode = stat.S_IMODE(source.st_mode) if owner.umask is None else 0o666 & ~owner.umask
+            own = stat.S_IMODE(source.st_mode) if raw.permissions is None else raw.permissions
+            mode = own if owner.umask is None else 0o666 & ~owner.umask
             mode &= 0o666
             if raw.disk.read_only:
                 mode &= ~0o222
             attr.st_mode = stat.S_IFREG | mode
             attr.st_nlink = 1
             attr.st_size = raw.disk.size if size is None else size
-            attr.st_blocks = attr.st_size // 512
+            # From the image's allocation, so that du, cp --sparse and backup tools see a
+            # sparse disk; a partition file is a window and counts as full.
+            held = raw.disk.chain.allocated_bytes() if size is None else size
+            attr.st_blocks = -(-held // 512)
         attr.st_uid = source.st_uid if owner.uid is None else owner.uid
         attr.st_gid = source.st_gid if owner.gid is None else owner.gid
         attr.st_atime_ns = source.st_atime_ns

@@ -225,6 +225,17 @@ class Chain:
                 return Extent.zeros(offset, count)
         return Extent.zeros(offset, count)
 
+    def allocated_bytes(self) -> int:
+        """How much of the disk the layers hold data for: what ``du`` of the raw file shows.
+
+        All of it under a fixed layer, else the allocated blocks of every layer added up (an
+        upper bound where layers overlap), never more than the disk.
+        """
+        if any(layer.kind == DiskType.FIXED for layer in self.layers):
+            return self.virtual_size
+        held = sum(layer.allocated_blocks * layer.block_size for layer in self.layers)
+        return min(self.virtual_size, held)
+
     def iter_layers(self) -> Iterator[tuple[VhdImage, ParentLink | None]]:
         """Each layer with the link that found it (``None`` for the leaf)."""
         yield self.layers[0], None

@@ -147,10 +147,12 @@ def create_differencing(
     block_size: int = DEFAULT_BLOCK_SIZE,
     *,
     parents: str | None = None,
+    mode: int = 0o644,
 ) -> Footer:
     """Create an empty child of ``parent_path``, which must open as a complete chain.
 
     ``parents`` confines the parents of ``parent_path`` to a folder (``Chain.open``).
+    ``mode``: the new file's permission bits (less the umask), set as it is created.
     """
     check_block_size(block_size)
     chain = Chain.open(parent_path, lock=False, parents=parents)
@@ -169,6 +171,7 @@ def create_differencing(
             footer,
             block_size,
             parent=(parent.footer.unique_id, parent_mtime, parent_abs),
+            mode=mode,
         )
     finally:
         chain.close()
@@ -192,6 +195,7 @@ def _write_sparse_image(
     footer: Footer,
     block_size: int,
     parent: tuple[bytes, float, str] | None,
+    mode: int = 0o644,
 ) -> None:
     entries = -(-footer.current_size // block_size)
     if table_bytes(entries) > MAX_TABLE_BYTES:
@@ -229,13 +233,16 @@ def _write_sparse_image(
     raw_footer = build_footer(footer)
     pieces[:0] = [(0, raw_footer), (SECTOR, build_dynamic_header(header))]
     pieces.append((next_offset, raw_footer))
-    _write_new(path, pieces, next_offset + FOOTER_SIZE)
+    _write_new(path, pieces, next_offset + FOOTER_SIZE, mode)
 
 
-def _write_new(path: str, pieces: list[tuple[int, bytes]], size: int) -> None:
-    """Create ``path`` exclusively with ``pieces`` written at their offsets, then fsync."""
+def _write_new(path: str, pieces: list[tuple[int, bytes]], size: int, mode: int = 0o644) -> None:
+    """Create ``path`` exclusively with ``pieces`` written at their offsets, then fsync.
+
+    ``O_EXCL`` also refuses a symlink planted at ``path``: it is never followed.
+    """
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     except FileExistsError:
         raise UsageError(path, "already exists; refusing to overwrite it") from None
     except OSError as exc:
