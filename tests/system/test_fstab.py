@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -126,6 +128,56 @@ def test_drop_privileges_serves_the_handed_over_device(
     assert raw.read_bytes()[:36] == b"written through a handed-over device"
     run(["umount", mountpoint])
     assert wait_pid(pid, 30) == 0
+
+
+def test_a_drop_privileges_mount_stops_as_any_mount_does(
+    tmp_path: Path, cleanup: list[tuple[Path, Path]]
+) -> None:
+    # Its daemon has no capability left, so it may not unmount: vhdfs -u unmounts for it once
+    # it has written out, and a SIGTERM writes out and serves on instead of leaving a dead mount.
+    image = tmp_path / "disk.vhd"
+    create_dynamic(str(image), 4 * MiB)
+    mountpoint, pidfile = tmp_path / "mnt", tmp_path / "vhdfs.pid"
+    mountpoint.mkdir()
+    cleanup.append((mountpoint, pidfile))
+    options = f"drop_privileges,rw,writeback=3600,pidfile={pidfile}"
+    data = os.urandom(MiB)
+
+    assert _mount("-t", "fuse.vhdfs", "-o", options, image, mountpoint).returncode == 0
+    with open(mountpoint / "disk.raw", "r+b") as f:
+        f.write(data)  # held in memory: the stop must write it out
+    pid = _pid(pidfile)
+    result = subprocess.run([VHDFS, "-u", mountpoint], capture_output=True, text=True, timeout=90)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert not is_mounted(str(mountpoint))
+    assert wait_pid(pid, 30) == 0
+
+    assert _mount("-t", "fuse.vhdfs", "-o", options, image, mountpoint).returncode == 0
+    pid = _pid(pidfile)
+    with open(mountpoint / "disk.raw", "r+b") as f:
+        assert f.read(MiB) == data
+        f.write(data[::-1])
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while _written_out(image, MiB, data[::-1]) is False and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _written_out(image, MiB, data[::-1])
+    assert wait_pid(pid, 0.5) is None  # serving on
+    assert (mountpoint / "disk.raw").read_bytes()[MiB : 2 * MiB] == data[::-1]
+    run(["umount", mountpoint])
+    assert wait_pid(pid, 30) == 0
+
+
+def _written_out(image: Path, offset: int, data: bytes) -> bool:
+    """Whether the image file itself holds ``data`` at ``offset`` of its disk (qemu-img)."""
+    target = image.with_suffix(".check.raw")
+    run(["qemu-img", "convert", "-U", "-f", "vpc", "-O", "raw", image, target])
+    try:
+        with open(target, "rb") as f:
+            f.seek(offset)
+            return f.read(len(data)) == data
+    finally:
+        target.unlink()
 
 
 def test_missing_image_under_mount(tmp_path: Path) -> None:

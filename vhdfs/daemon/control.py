@@ -18,6 +18,8 @@ The protocol is one request line, ``unmount``, and reply lines of tab-separated 
 * ``failed<TAB>message``: the write-out failed; nothing was unmounted.
 * ``unmounting``: the unmount was accepted. Later ``done<TAB>status`` gives the daemon's exit
   status once its final write-out is over, and the connection ends when the process exits.
+* ``written``: written out and synced, but the daemon may not unmount (a ``mount.fuse3 -o
+  drop_privileges`` mount): the client unmounts, and ``done`` follows as for ``unmounting``.
 
 The client waits for that process to be gone (a pidfd), so it returns only once the daemon has
 written out, synced and exited. Every wait is bounded: a daemon that says nothing for
@@ -35,11 +37,13 @@ import secrets
 import select
 import socket
 import struct
+import subprocess
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import trio
 
+from vhdfs.daemon.holders import holders
 from vhdfs.daemon.mounts import FSTYPE, MountEntry, top_mount_at
 from vhdfs.daemon.shutdown import StopOutcome
 from vhdfs.errors import ExitCode, MountError, UsageError
@@ -157,8 +161,8 @@ class ControlServer:
         # stays to hear the answer.
         with trio.CancelScope(shield=True):
             outcome = await self.on_unmount()
-        if outcome.stopping:
-            if not _send(connection, "unmounting"):
+        if outcome.stopping or outcome.caller_unmounts:
+            if not _send(connection, "unmounting" if outcome.stopping else "written"):
                 self._drop(connection)
             return
         kind = "busy" if outcome.busy else "failed"
@@ -277,6 +281,23 @@ class _Replies:
             raise self._silent()
 
 
+def _unmount_for_the_daemon(mountpoint: str) -> UnmountResult | None:
+    """Unmount what a daemon without privileges has written out; ``None`` once done."""
+    try:
+        result = subprocess.run(
+            ["fusermount3", "-u", mountpoint], capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return UnmountResult(ExitCode.IO_ERROR, f"cannot run fusermount3: {exc}")
+    if result.returncode == 0:
+        return None
+    message = result.stderr.strip()
+    if "busy" in message:
+        named = holders(mountpoint) or ["a holder not visible to this user"]
+        return UnmountResult(ExitCode.BUSY, f"in use, nothing unmounted: {'; '.join(named)}")
+    return UnmountResult(ExitCode.IO_ERROR, message or f"fusermount3 exited {result.returncode}")
+
+
 def unmount(mountpoint: str) -> UnmountResult:
     """Unmount the vhdfs mount at ``mountpoint`` and wait until its daemon has exited.
 
@@ -317,7 +338,11 @@ def unmount(mountpoint: str) -> UnmountResult:
                 return UnmountResult(
                     ExitCode.BUSY, f"in use, nothing unmounted: {'; '.join(fields[1:])}"
                 )
-            if fields[0] != "unmounting":
+            if fields[0] == "written":
+                refused = _unmount_for_the_daemon(entry.mountpoint)
+                if refused is not None:
+                    return refused
+            elif fields[0] != "unmounting":
                 return UnmountResult(ExitCode.IO_ERROR, "; ".join(fields[1:]) or reply)
             done = replies.line() or ""
             replies.wait_exited()

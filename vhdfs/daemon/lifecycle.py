@@ -25,7 +25,7 @@ from vhdfs.cache.block_cache import MIN_CACHE_SIZE
 from vhdfs.daemon.allocator import tune_allocator
 from vhdfs.daemon.control import daemon_alive
 from vhdfs.daemon.daemonize import StartupPipe, detach
-from vhdfs.daemon.mounts import FSTYPE, mount_of, top_mount_at
+from vhdfs.daemon.mounts import FSTYPE, mount_of, mount_of_fuse_device, top_mount_at
 from vhdfs.daemon.options import MIN_DIRTY_LIMIT, FuseBytes, MountOptions, escape_fuse_value
 from vhdfs.daemon.pidfile import check_pidfile, remove_pidfile, write_pidfile
 from vhdfs.daemon.serve import ServeContext, serve
@@ -103,9 +103,15 @@ def mount(
     for warning in dict.fromkeys(w for disk in disks for w in disk.warnings):
         log.warning("%s", warning)
     if handed_over:
-        # mount.fuse3 made the mount and keeps its place to itself: the session ends on a
-        # signal without an unmount, and there is no control socket.
-        context = ServeContext()
+        # mount.fuse3 made the mount, and with drop_privileges this process has no privilege
+        # left to unmount it: a stop writes everything out and leaves the unmount to whoever
+        # may (vhdfs -u does it; see Shutdown).
+        entry = mount_of_fuse_device(int(mountpoint.rsplit("/", 1)[1]))
+        context = ServeContext(
+            mountpoint=entry.mountpoint if entry is not None else None,
+            device=entry.device if entry is not None else None,
+            can_unmount=False,
+        )
     else:
         entry = top_mount_at(where, resolved=True)
         context = ServeContext(

@@ -76,6 +76,25 @@ def mount_of(image: str) -> str | None:
     return None
 
 
+def mount_of_fuse_device(fd: int) -> MountEntry | None:
+    """The mount served through the open FUSE device ``fd`` (one ``mount.fuse3`` made).
+
+    The kernel names the connection in the descriptor's fdinfo (``fuse_connection:``, the
+    mount's device number); without that line (older kernels) it cannot be told.
+    """
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        number = int(fields["fuse_connection"])
+    except (OSError, KeyError, ValueError):
+        return None
+    device = f"{number >> 20}:{number & 0xFFFFF}"  # the kernel's dev_t: major, then minor
+    for entry in mount_table():
+        if entry.device == device:
+            return entry
+    return None
+
+
 def top_mount_at(mountpoint: str, *, resolved: bool = False) -> MountEntry | None:
     """The mount visible at ``mountpoint`` (the last one mounted there), if any.
 

@@ -44,8 +44,10 @@ STATUS_INTERVAL = 5.0
 class ServeContext:
     """What ``serve`` needs to know of the mount besides its disks."""
 
-    #: The absolute mountpoint (``None`` for a ``/dev/fd/N`` mount made by ``mount.fuse3``).
+    #: The absolute mountpoint (``None`` if unknown: a ``/dev/fd/N`` mount on an old kernel).
     mountpoint: str | None = None
+    #: False for a ``/dev/fd/N`` mount made by ``mount.fuse3 -o drop_privileges``.
+    can_unmount: bool = True
     #: ``major:minor`` of the mount, naming its control socket (``None``: no socket).
     device: str | None = None
     #: The raw files, read once before READY=1 is sent.
@@ -62,7 +64,7 @@ async def serve(disks: Sequence[VirtualDisk], context: ServeContext) -> None:
         VhdfsError: The final write-out of a disk failed (the others are still closed).
     """
     notifier = context.notifier
-    shutdown = Shutdown(disks, context.mountpoint, notifier)
+    shutdown = Shutdown(disks, context.mountpoint, notifier, can_unmount=context.can_unmount)
     stop_by_control = partial(shutdown.request, "vhdfs -u")
     control = None
     if context.device is not None and context.mountpoint is not None:
@@ -95,7 +97,7 @@ async def serve(disks: Sequence[VirtualDisk], context: ServeContext) -> None:
                         helpers.start_soon(disk.writeback.run_flusher)
                 if control is not None:
                     await helpers.start(control.serve)
-                if context.mountpoint is not None:
+                if context.mountpoint is not None and context.can_unmount:
                     helpers.start_soon(shutdown.retry_while_busy)
                 if notifier.enabled:
                     helpers.start_soon(_announce_ready, context.raw_paths, notifier)

@@ -13,6 +13,12 @@ every ``RETRY_INTERVAL`` seconds (quietly) and ends by itself, as any stop does,
 holders have let go — a service manager's single SIGTERM is enough. A busy ``vhdfs -u`` is
 answered "busy" and not retried: its caller decides what to do.
 
+A mount made by ``mount.fuse3 -o drop_privileges`` is served by a process without any
+capability, which the kernel does not let unmount anything. A stop then writes out and syncs,
+switches to write-through and serves on (a dead mount would be worse), and leaves the unmount to
+a caller who may: ``vhdfs -u`` is told so (``caller_unmounts``) and unmounts itself, ``umount``
+does it too, and the daemon exits as the session ends.
+
 A successful unmount ends the FUSE session; the serving loop then returns and the final
 write-out finds nothing left to do.
 """
@@ -49,6 +55,8 @@ class StopOutcome:
     busy: bool = False
     #: Why not, when it was refused: the holders of a busy mount, or the error.
     reasons: tuple[str, ...] = ()
+    #: Written out, but this daemon may not unmount: the caller must (drop_privileges).
+    caller_unmounts: bool = False
 
 
 class Shutdown:
@@ -57,16 +65,24 @@ class Shutdown:
     Args:
         disks: Every disk of the mount.
         mountpoint: The absolute mountpoint, or ``None`` when it is unknown (a ``/dev/fd/N``
-            mount made by ``mount.fuse3``): the session is then ended without an unmount.
+            mount on a kernel that does not say which): the session is then ended without an
+            unmount.
         notifier: The service manager, told STOPPING=1 and how the stop went.
+        can_unmount: False when this process has no privilege to unmount (drop_privileges).
     """
 
     def __init__(
-        self, disks: Sequence[VirtualDisk], mountpoint: str | None, notifier: Notifier
+        self,
+        disks: Sequence[VirtualDisk],
+        mountpoint: str | None,
+        notifier: Notifier,
+        *,
+        can_unmount: bool = True,
     ) -> None:
         self.disks = disks
         self.mountpoint = mountpoint
         self.notifier = notifier
+        self.can_unmount = can_unmount
         self.stopping = False
         self._lock = trio.Lock()
         #: Set once a stop signal found the mount busy: the unmount is then retried.
@@ -92,6 +108,8 @@ class Shutdown:
                 self.stopping = True
                 pyfuse3.terminate()
                 return StopOutcome(True)
+            if not self.can_unmount:
+                return self._leave_unmount_to_caller(self.mountpoint)
             outcome = await self._unmount(self.mountpoint)
             if outcome.stopping:
                 self.stopping = True
@@ -111,6 +129,17 @@ class Shutdown:
             else:
                 self.notifier.send(STATUS=f"not unmounted, serving on: {why}")
             return outcome
+
+    def _leave_unmount_to_caller(self, mountpoint: str) -> StopOutcome:
+        for disk in self.disks:
+            disk.write_through()
+        why = (
+            "written out; mounted by mount.fuse3 with drop_privileges, so this daemon may not "
+            f"unmount: serving on until someone runs umount {mountpoint} (or vhdfs -u)"
+        )
+        log.warning("%s: %s", mountpoint, why)
+        self.notifier.send(STATUS=why)
+        return StopOutcome(False, False, (why,), caller_unmounts=True)
 
     async def retry_while_busy(self) -> None:
         """Once a stop signal found the mount busy, retry the unmount until it succeeds.
