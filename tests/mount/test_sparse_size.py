@@ -34,3 +34,17 @@ def test_st_blocks_follows_the_allocation(tmp_path: Path, mount: Callable[..., M
     again = mount([child], options=["ro"])
     assert os.stat(again.raw("child.raw")).st_blocks == 2 * MiB // 512
     assert again.stop() == 0
+
+
+def test_data_still_in_memory_counts(tmp_path: Path, mount: Callable[..., Mount]) -> None:
+    # An archiver that sees 0 blocks takes the file for one big hole (GNU tar --sparse): data
+    # written but not yet in the image must count, and the count must follow each write.
+    image = tmp_path / "d.vhd"
+    create_dynamic(str(image), 64 * MiB, 2 * MiB)
+    m = mount([image], options=["writeback=3600"])
+    raw = m.raw("d.raw")
+    assert os.stat(raw).st_blocks == 0
+    with open(raw, "r+b") as f:
+        f.write(b"y" * 8192)  # held in memory: nothing allocated in the image yet
+        assert os.stat(raw).st_blocks == 8192 // 512
+    assert m.stop() == 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import socket
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,7 +27,8 @@ pytestmark = [pytest.mark.fuse, pytest.mark.root]
 MiB = 1 << 20
 
 #: Binds every name given on its command line and answers each connection as a daemon that
-#: accepted the unmount and finished (``answer``), or holds it without a word (``silent``).
+#: accepted the unmount and finished (``answer``), holds it without a word (``silent``), or
+#: never takes it: a backlog kept full (``full``).
 _SQUATTER = r"""
 import selectors, socket, sys
 mode, names = sys.argv[1], sys.argv[2:]
@@ -37,6 +39,15 @@ for name in names:
         s.bind("\0" + name)
     except OSError:
         s.close()
+        continue
+    if mode == "full":
+        # A backlog kept full: a client's connect would wait for room that never comes.
+        s.listen(0)
+        filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        filler.setblocking(False)
+        filler.connect("\0" + name)
+        held_fillers = globals().setdefault("held_fillers", [])
+        held_fillers += [s, filler]
         continue
     s.listen(8)
     selector.register(s, selectors.EVENT_READ)
@@ -80,6 +91,9 @@ def test_names_squatted_by_another_user_neither_answer_nor_block(
         # After it: names claiming to be this daemon's, held silently.
         claims = [f"vhdfs/{device}/{m.pid}.0", f"vhdfs/{device}", f"vhdfs/{device}/{m.pid}"]
         attacker.start_python(_SQUATTER, ["silent", *claims])
+        # And names the daemon's PID would own, their backlogs full (connect would wait).
+        full = [f"vhdfs/{device}/{m.pid}.f{n}" for n in range(40)]
+        attacker.start_python(_SQUATTER, ["full", *full])
         result = _vhdfs("-u", m.mountpoint, timeout=90)
         assert (result.returncode, result.stderr) == (0, "")
         # Returned only once the real daemon had exited.
@@ -116,3 +130,23 @@ def test_a_client_that_leaves_during_the_unmount_does_not_end_the_daemon(
     assert again.stop() == 0
     checked = subprocess.run([VHD, "check", image], capture_output=True, text=True, timeout=60)
     assert checked.returncode == 0, checked.stdout
+
+
+def test_backlogs_kept_full_by_another_user_do_not_stall_the_search() -> None:
+    # Names that claim a root process (PID 1) and never take a connection: looking for the
+    # daemon of that device skips each at once instead of waiting on it.
+    device = "0:1048575"  # no mount has it
+    names = [f"vhdfs/{device}/1.f{n}" for n in range(40)]
+    probe = (
+        "from vhdfs.daemon.control import daemon_alive\n"
+        "from vhdfs.daemon.mounts import MountEntry\n"
+        f"print(daemon_alive(MountEntry({device!r}, '/nowhere', 'fuse.vhdfs', 'x', 0)))\n"
+    )
+    with attacker_user() as attacker:
+        attacker.start_python(_SQUATTER, ["full", *names])
+        listed = Path("/proc/net/unix").read_text()
+        assert all(f"@{name}" in listed for name in names)
+        result = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60
+        )
+    assert (result.returncode, result.stdout, result.stderr) == (0, "False\n", "")

@@ -120,3 +120,37 @@ def _refused(tmp_path: Path) -> None:
     )
     assert overlay.read_bytes() == before
     assert not os.path.ismount(mountpoint)
+
+
+def test_an_overlay_under_a_group_writable_umask_is_accepted(
+    tmp_path: Path, mount: Callable[..., Mount]
+) -> None:
+    # umask 002 (user private groups): a 0664 base gives a 0644 overlay, which the check
+    # that refuses group-writable overlays then accepts.
+    base = tmp_path / "base.vhd"
+    create_dynamic(str(base), 8 * MiB)
+    os.chmod(base, 0o664)
+    overlay = tmp_path / "try.vhd"
+    old = os.umask(0o002)
+    try:
+        m = mount([base], options=[f"overlay={overlay}"])
+    finally:
+        os.umask(old)
+    assert _mode(overlay) == 0o644
+    assert m.stop() == 0
+
+
+def test_a_layer_of_another_group_keeps_its_group_out(
+    tmp_path: Path, mount: Callable[..., Mount]
+) -> None:
+    base = tmp_path / "base.vhd"
+    create_dynamic(str(base), 8 * MiB)
+    os.chmod(base, 0o640)  # root:root
+    child = tmp_path / "child.vhd"
+    create_differencing(str(child), str(base))
+    with attacker_user() as attacker:
+        os.chown(child, 0, attacker.gid)
+        os.chmod(child, 0o640)  # the attacker's group may read the child, not the base
+        m = mount([child], options=["ro"])
+        assert _mode(m.raw("child.raw")) == 0o400
+        assert m.stop() == 0

@@ -11,6 +11,7 @@ import signal
 import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +22,7 @@ import vhdfs
 from tests.support.images import run
 from tests.support.mounting import VHD, VHDFS, Mount, is_mounted, vhdfs_command, wait_pid
 from tests.support.notify import NotifySocket
+from vhdfs.daemon.shutdown import RETRY_INTERVAL
 from vhdfs.image.create import create_dynamic
 
 pytestmark = pytest.mark.fuse
@@ -228,3 +230,33 @@ def test_a_user_mounts_and_unmounts_without_root(tmp_path: Path) -> None:
                 subprocess.run(["fusermount3", "-u", "-z", folder / "mnt"], capture_output=True)
             shutil.rmtree(folder)
             os.chmod("/dev/fuse", fuse_mode)
+
+
+def test_a_retrying_stop_leaves_a_new_mount_at_its_mountpoint_alone(
+    tmp_path: Path, mount: Callable[..., Mount]
+) -> None:
+    # A stop signal found the mount busy, so its daemon retries the unmount. The administrator
+    # detaches it lazily and mounts another image there: the old daemon must not unmount that.
+    first, second = tmp_path / "first.vhd", tmp_path / "second.vhd"
+    create_dynamic(str(first), 8 * MiB)
+    create_dynamic(str(second), 8 * MiB)
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    notify = NotifySocket(tmp_path / "notify")
+    old = mount([first], mountpoint, env={"NOTIFY_SOCKET": notify.path})
+    holder = os.open(old.raw("first.raw"), os.O_RDONLY)
+    try:
+        assert old.pid is not None
+        os.kill(old.pid, signal.SIGTERM)
+        notify.wait_for("STATUS", "in use, unmounting once the holders let go*")
+        run(["umount", "-l", mountpoint])
+        new = mount([second], mountpoint)
+        time.sleep(3 * RETRY_INTERVAL)  # three retries of the old daemon, had it kept trying
+        assert is_mounted(str(mountpoint))
+        assert os.listdir(mountpoint) == ["second.raw"]
+    finally:
+        os.close(holder)
+    # The detached mount's last holder let go: its session ends and the old daemon exits.
+    assert old.wait_exited() == 0
+    assert new.stop() == 0
+    notify.close()

@@ -57,8 +57,10 @@ _PREFIX = "vhdfs/"
 KEEPALIVE = 2.0
 #: Seconds ``vhdfs -u`` waits for any line (or the daemon's exit) before giving up.
 ANSWER_TIMEOUT = 30.0
-#: Seconds ``vhdfs -u`` waits to connect to a candidate socket.
-_CONNECT_TIMEOUT = 5.0
+#: Seconds ``vhdfs -u`` waits for the socket to take its request.
+_SEND_TIMEOUT = 5.0
+#: Seconds the daemon waits after a failed ``accept`` (out of descriptors) before the next.
+BIND_RETRY = 0.5
 
 
 def socket_name(device: str, pid: int, token: str) -> str:
@@ -120,7 +122,12 @@ class ControlServer:
             task_status.started()
             async with trio.open_nursery() as nursery:
                 while True:
-                    connection, _ = await listener.accept()
+                    try:
+                        connection, _ = await listener.accept()
+                    except OSError as exc:  # out of descriptors or memory: never fatal
+                        log.warning("control socket: %s", exc.strerror)
+                        await trio.sleep(BIND_RETRY)
+                        continue
                     nursery.start_soon(self._handle, connection)
 
     async def keep_clients_waiting(self) -> None:
@@ -209,14 +216,29 @@ def _trusted(entry: MountEntry, pid: int, peer: tuple[int, int]) -> bool:
     return peer_pid == pid and (peer_uid == 0 or peer_uid == entry.owner)
 
 
+def _plausible(entry: MountEntry, pid: int) -> bool:
+    """Whether process ``pid`` runs as root or the mount's owner (cheap, before connecting)."""
+    try:
+        uid = os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return False
+    return uid == 0 or uid == entry.owner
+
+
 def _connect_to_daemon(entry: MountEntry) -> tuple[socket.socket, int] | None:
-    """A connection to the daemon of ``entry``, and its PID; ``None`` if none answers."""
-    for name, pid in _listed_names(entry.device):
+    """A connection to the daemon of ``entry``, and its PID; ``None`` if none answers.
+
+    Connecting never waits: a name whose backlog another user keeps full is skipped, so no
+    number of squatted names can stall the search.
+    """
+    names = [(name, pid) for name, pid in _listed_names(entry.device) if _plausible(entry, pid)]
+    for name, pid in names:
         client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        client.settimeout(_CONNECT_TIMEOUT)
+        client.setblocking(False)
         try:
             client.connect(name)
             if _trusted(entry, pid, _peer(client)):
+                client.setblocking(True)
                 return client, pid
         except OSError:
             pass
@@ -281,8 +303,12 @@ class _Replies:
             raise self._silent()
 
 
-def _unmount_for_the_daemon(mountpoint: str) -> UnmountResult | None:
+def _unmount_for_the_daemon(entry: MountEntry) -> UnmountResult | None:
     """Unmount what a daemon without privileges has written out; ``None`` once done."""
+    mountpoint = entry.mountpoint
+    now = top_mount_at(mountpoint, resolved=True)
+    if now is None or now.device != entry.device:
+        return UnmountResult(ExitCode.IO_ERROR, "the mount there is not this daemon's any more")
     try:
         result = subprocess.run(
             ["fusermount3", "-u", mountpoint], capture_output=True, text=True, timeout=60
@@ -309,6 +335,10 @@ def unmount(mountpoint: str) -> UnmountResult:
         raise UsageError(mountpoint, "not a mountpoint")
     if entry.fstype != FSTYPE:
         raise UsageError(mountpoint, f"not a vhdfs mount (it is {entry.fstype})")
+    if os.getuid() not in (0, entry.owner):
+        raise MountError(
+            mountpoint, f"only root and the user who mounted it (uid {entry.owner}) may unmount it"
+        )
     found = _connect_to_daemon(entry)
     if found is None:
         raise MountError(
@@ -317,6 +347,17 @@ def unmount(mountpoint: str) -> UnmountResult:
             f"fusermount3 -u {entry.mountpoint}",
         )
     client, pid = found
+    try:
+        return _ask_to_unmount(entry, mountpoint, client, pid)
+    except OSError as exc:
+        raise MountError(
+            mountpoint, f"its daemon (PID {pid}) broke off the exchange: {exc.strerror}"
+        ) from None
+
+
+def _ask_to_unmount(
+    entry: MountEntry, mountpoint: str, client: socket.socket, pid: int
+) -> UnmountResult:
     try:
         try:
             process = os.pidfd_open(pid)
@@ -327,7 +368,7 @@ def unmount(mountpoint: str) -> UnmountResult:
                 f"remove it with fusermount3 -u {entry.mountpoint}",
             ) from None
         try:
-            client.settimeout(_CONNECT_TIMEOUT)
+            client.settimeout(_SEND_TIMEOUT)
             client.sendall(b"unmount\n")
             replies = _Replies(client, process, mountpoint, pid)
             reply = replies.line()
@@ -339,7 +380,7 @@ def unmount(mountpoint: str) -> UnmountResult:
                     ExitCode.BUSY, f"in use, nothing unmounted: {'; '.join(fields[1:])}"
                 )
             if fields[0] == "written":
-                refused = _unmount_for_the_daemon(entry.mountpoint)
+                refused = _unmount_for_the_daemon(entry)
                 if refused is not None:
                     return refused
             elif fields[0] != "unmounting":
@@ -353,4 +394,7 @@ def unmount(mountpoint: str) -> UnmountResult:
     if done.startswith("done\t") and done.split("\t")[1].isdigit():
         status = int(done.split("\t")[1])
         return UnmountResult(status, None if status == 0 else "the final write-out failed")
-    return UnmountResult(ExitCode.OK)
+    # Unmounted, but the daemon died before it could say how its final write-out went.
+    return UnmountResult(
+        ExitCode.IO_ERROR, f"its daemon (PID {pid}) exited without reporting its final write-out"
+    )

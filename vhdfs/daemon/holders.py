@@ -15,6 +15,7 @@ import contextlib
 import os
 
 from vhdfs.daemon.mounts import mounts_below
+from vhdfs.text import printable
 
 
 def _within(path: str, mountpoint: str) -> bool:
@@ -61,4 +62,5 @@ def holders(mountpoint: str) -> list[str]:
                     found.add(f"/dev/{device} is backed by {backing}")
     for below in mounts_below(mountpoint):
         found.add(f"{below} is mounted below it")
-    return sorted(found)
+    # Process names and paths are anyone's text: escaped before a terminal or log sees them.
+    return sorted(printable(line) for line in found)

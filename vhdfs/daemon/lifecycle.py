@@ -40,7 +40,7 @@ from vhdfs.errors import (
     VhdfsError,
 )
 from vhdfs.fuse.operations import RawFile, VhdfsOperations
-from vhdfs.image.create import create_differencing
+from vhdfs.image.create import create_differencing, least_open_mode
 from vhdfs.logs import log_to_syslog
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def mount(
                 disk,
                 os.fstat(disk.chain.leaf.file.fd),
                 PartitionTable(disk) if options.partitions else None,
-                _least_open(disk),
+                least_open_mode(disk.chain),
             )
             for image, disk in zip(images, disks, strict=True)
         ]
@@ -214,14 +214,6 @@ def _open(path: str, options: DiskOptions, stack: contextlib.ExitStack) -> Virtu
     return disk
 
 
-def _least_open(disk: VirtualDisk) -> int:
-    """The permission bits every layer of a disk's chain grants (the raw file shows no more)."""
-    bits = 0o7777
-    for layer in disk.chain.layers:
-        bits &= stat.S_IMODE(os.fstat(layer.file.fd).st_mode)
-    return bits
-
-
 def _check_overlay_owner(disk: VirtualDisk) -> None:
     """Refuse an existing overlay that another user owns or may write.
 
@@ -244,8 +236,9 @@ def _check_overlay_owner(disk: VirtualDisk) -> None:
 def _prepare_overlay(images: list[str], options: MountOptions, stack: contextlib.ExitStack) -> str:
     """The overlay of ``overlay=``, created if it does not exist.
 
-    A new overlay gets the base image's permission bits, so it shows the base's data no more
-    openly than the base does. A created overlay is removed again if the mount then fails.
+    A new overlay gets the permission bits every layer of the base's chain grants, never
+    group- or other-writable, so it shows their data no more openly than they do. A created
+    overlay is removed again if the mount then fails.
     """
     if len(images) != 1:
         raise UsageError(None, "overlay= takes exactly one IMAGE")
@@ -255,12 +248,7 @@ def _prepare_overlay(images: list[str], options: MountOptions, stack: contextlib
     overlay = os.path.abspath(options.overlay)
     if not os.path.lexists(overlay):
         base = os.path.abspath(images[0])
-        create_differencing(
-            overlay,
-            base,
-            parents=options.disk.parents,
-            mode=stat.S_IMODE(os.stat(base).st_mode) & 0o666,
-        )
+        create_differencing(overlay, base, parents=options.disk.parents, mode=None)
         stack.callback(os.unlink, overlay)
         log.info("created overlay %s on %s", overlay, images[0])
     return overlay

@@ -64,7 +64,13 @@ async def serve(disks: Sequence[VirtualDisk], context: ServeContext) -> None:
         VhdfsError: The final write-out of a disk failed (the others are still closed).
     """
     notifier = context.notifier
-    shutdown = Shutdown(disks, context.mountpoint, notifier, can_unmount=context.can_unmount)
+    shutdown = Shutdown(
+        disks,
+        context.mountpoint,
+        notifier,
+        can_unmount=context.can_unmount,
+        device=context.device,
+    )
     stop_by_control = partial(shutdown.request, "vhdfs -u")
     control = None
     if context.device is not None and context.mountpoint is not None:

@@ -33,6 +33,7 @@ import pyfuse3
 import trio
 
 from vhdfs.daemon.holders import holders
+from vhdfs.daemon.mounts import top_mount_at
 from vhdfs.daemon.notify import Notifier
 from vhdfs.disk.virtual import VirtualDisk
 from vhdfs.errors import VhdfsError
@@ -69,6 +70,8 @@ class Shutdown:
             unmount.
         notifier: The service manager, told STOPPING=1 and how the stop went.
         can_unmount: False when this process has no privilege to unmount (drop_privileges).
+        device: The mount's device number: an unmount is tried only while the mount at
+            ``mountpoint`` is still this one (after ``umount -l`` another may be there).
     """
 
     def __init__(
@@ -78,11 +81,13 @@ class Shutdown:
         notifier: Notifier,
         *,
         can_unmount: bool = True,
+        device: str | None = None,
     ) -> None:
         self.disks = disks
         self.mountpoint = mountpoint
         self.notifier = notifier
         self.can_unmount = can_unmount
+        self.device = device
         self.stopping = False
         self._lock = trio.Lock()
         #: Set once a stop signal found the mount busy: the unmount is then retried.
@@ -158,6 +163,10 @@ class Shutdown:
                     log.info("%s: no longer in use, unmounted", self.mountpoint)
                     self.stopping = True
                     return
+                if not outcome.busy:  # gone from the table, or failing otherwise: stop trying
+                    why = "; ".join(outcome.reasons)
+                    log.warning("%s: not retrying the unmount: %s", self.mountpoint, why)
+                    return
 
     async def write_out(self) -> None:
         """Write out and sync every disk, telling systemd to wait while it takes.
@@ -187,6 +196,11 @@ class Shutdown:
 
         ``name_holders``: look up who holds a busy mount (a scan of /proc) for the answer.
         """
+        here = top_mount_at(mountpoint, resolved=True)
+        if here is None or (self.device is not None and here.device != self.device):
+            return StopOutcome(
+                False, False, (f"the mount at {mountpoint} is not this one any more",)
+            )
         try:
             result = await trio.run_process(
                 ["fusermount3", "-u", mountpoint],

@@ -266,6 +266,15 @@ class VirtualDisk:
         if self.writeback is not None:
             await self.writeback.flush(durable=durable)
 
+    def allocated_bytes(self) -> int:
+        """What the disk holds data for (``st_blocks``), never more than the disk.
+
+        The chain's allocation plus data written but not yet in the image: never 0 once
+        anything was written, so that archivers do not take a fresh disk for one big hole.
+        """
+        waiting = self.writeback.statistics().dirty_bytes if self.writeback is not None else 0
+        return min(self.size, self.chain.allocated_bytes() + waiting)
+
     def statistics(self) -> DiskStatistics:
         """Current counters."""
         return DiskStatistics(

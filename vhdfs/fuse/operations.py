@@ -171,8 +171,9 @@ class VhdfsOperations(pyfuse3.Operations):
             attr.st_nlink = 1
             attr.st_size = raw.disk.size if size is None else size
             # From the image's allocation, so that du, cp --sparse and backup tools see a
-            # sparse disk; a partition file is a window and counts as full.
-            held = raw.disk.chain.allocated_bytes() if size is None else size
+            # sparse disk; a partition file is a window and counts as full. The kernel asks
+            # again after every write (a write invalidates its cached block count).
+            held = raw.disk.allocated_bytes() if size is None else size
             attr.st_blocks = -(-held // 512)
         attr.st_uid = source.st_uid if owner.uid is None else owner.uid
         attr.st_gid = source.st_gid if owner.gid is None else owner.gid

@@ -24,6 +24,7 @@ together with its directory.
 from __future__ import annotations
 
 import os
+import stat
 import time
 import uuid
 from urllib.parse import quote
@@ -147,12 +148,13 @@ def create_differencing(
     block_size: int = DEFAULT_BLOCK_SIZE,
     *,
     parents: str | None = None,
-    mode: int = 0o644,
+    mode: int | None = 0o644,
 ) -> Footer:
     """Create an empty child of ``parent_path``, which must open as a complete chain.
 
     ``parents`` confines the parents of ``parent_path`` to a folder (``Chain.open``).
-    ``mode``: the new file's permission bits (less the umask), set as it is created.
+    ``mode``: the new file's permission bits (less the umask), set as it is created; ``None``
+    takes what every layer of the parent's chain grants, never group- or other-writable.
     """
     check_block_size(block_size)
     chain = Chain.open(parent_path, lock=False, parents=parents)
@@ -164,6 +166,8 @@ def create_differencing(
             SECTOR,
             geometry_source=parent.footer,
         )
+        if mode is None:
+            mode = least_open_mode(chain) & 0o644
         parent_mtime = os.fstat(parent.file.fd).st_mtime
         parent_abs = os.path.abspath(parent.path)
         _write_sparse_image(
@@ -176,6 +180,26 @@ def create_differencing(
     finally:
         chain.close()
     return footer
+
+
+def least_open_mode(chain: Chain) -> int:
+    """The permission bits that the chain's every layer grants, seen from the leaf's owner.
+
+    Each class of the result (owner, group, others) gets only what each layer grants that
+    class: a layer of another owner counts with its group bits for the leaf's owner if it
+    shares the leaf's group, else with its bits for others. So a raw file or a new child is
+    never more open than the most private layer under it.
+    """
+    leaf = os.fstat(chain.leaf.file.fd)
+    bits = 0o777
+    for layer in chain.layers:
+        st = os.fstat(layer.file.fd)
+        mode = stat.S_IMODE(st.st_mode)
+        others = mode & 0o7
+        group = (mode >> 3) & 0o7 if st.st_gid == leaf.st_gid else others
+        owner = (mode >> 6) & 0o7 if st.st_uid == leaf.st_uid else group
+        bits &= owner << 6 | group << 3 | others
+    return bits
 
 
 def _locator_payloads(child_path: str, parent_abs: str) -> list[tuple[int, bytes]]:
