@@ -105,7 +105,9 @@ cp -r pyproject.toml README.md vhdfs "$BUILD/"
 find "$BUILD" -name __pycache__ -prune -exec rm -rf {} +
 "$VHDFS_HOME/bin/python" -m pip install -q --disable-pip-version-check --no-warn-script-location \
     --force-reinstall --no-deps "$BUILD" >&2
-"$VHDFS_HOME/bin/python" -m pip install -q --disable-pip-version-check "$BUILD" >&2
+# Its dependencies at the versions the test suite ran with (constraints.txt).
+"$VHDFS_HOME/bin/python" -m pip install -q --disable-pip-version-check -c constraints.txt \
+    "$BUILD" >&2
 "$VHDFS_HOME/bin/vhdfs" --version >/dev/null
 
 for program in vhdfs vhd; do

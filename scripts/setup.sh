@@ -25,7 +25,8 @@ fi
 if [ ! -x .venv/bin/python ]; then
     /usr/bin/python3 -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]" >&2
+# Pinned (constraints.txt): the suite's tools change only when the repository says so.
+.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test]" >&2
 
 # On root's standard PATH: mount.fuse3 (mount, fstab, systemd .mount units) starts `vhdfs` with
 # a fixed PATH, and the systemd unit calls /usr/local/bin/vhdfs. These links, the manual pages

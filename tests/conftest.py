@@ -10,8 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from tests.support.mounting import Mount, become_subreaper, mount_factory
+
+# Every property test's deadline policy: none per example. This shared 2-core machine swings
+# by a third, so a per-example deadline fails at random; each test as a whole is bounded by
+# pytest-timeout (pyproject.toml) instead. Tests set their own example counts.
+settings.register_profile("vhdfs", deadline=None)
+settings.load_profile("vhdfs")
 
 
 def _corpus_dir() -> Path:
