@@ -144,7 +144,18 @@ def test_resize_survives_a_kill(kind: str, point: str, tmp_path: Path) -> None:
     assert view[4 * MiB :] == bytes(len(view) - 4 * MiB)
     if kind == "dynamic":
         assert qemu_view(image, tmp_path)[3 * MiB : 4 * MiB] == data
-    assert vhd("check", image).returncode in (0, 1)  # a copy at offset 0 may still differ
+    checked = vhd("check", image)
+    if (kind, point) == ("dynamic", "resize-trailing-written"):
+        # Between the two footers: named as the interrupted resize it is, not as damage.
+        size = 64 * MiB
+        assert (checked.returncode, checked.stdout) == (
+            3,
+            f"interrupted: {image}: a resize to {size} bytes was interrupted between its two "
+            f"footer writes (the copy at offset 0 still has the old size); finish it: vhd "
+            f"resize {image} {size}\n",
+        )
+    else:
+        assert (checked.returncode, checked.stdout) == (0, f"{image}: no errors in 1 image(s)\n")
     assert vhd("resize", image, "64M").returncode == 0
     view = qemu_view(image, tmp_path)
     assert len(view) == 64 * MiB

@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
         "dynamic header, BAT entries (inside the file, clear of metadata and of each other), "
         "parent locators and unique ids, and unreferenced (leaked) space. One line per "
         "finding. Exit status: 0 clean (leaks and warnings allowed), 1 problems found, 2 a "
-        "file could not be read (or is in use by a writer).",
+        "file could not be read (or is in use by a writer), 3 only an operation stopped "
+        "part-way (the finding names the command that finishes it).",
     )
     check.add_argument("image", metavar="IMAGE")
     parents_option(check)

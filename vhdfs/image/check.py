@@ -7,9 +7,12 @@ copy at offset 0 against the trailing footer, the state that makes an image unsa
 and space that nothing references (what an interrupted block allocation leaves: harmless, but
 worth knowing). Parents are followed as the chain resolves them, with their unique ids checked.
 
-Severity: ``error`` (the image is damaged or unusable), ``warning`` (usable but unusual),
-``leak`` (unreferenced space). The exit status is 0 with no errors, 1 with errors, 2 when a
-file cannot be read at all.
+Severity: ``error`` (the image is damaged or unusable), ``interrupted`` (an operation of
+``vhd`` was stopped part-way: every reader sees a valid image, and the message names the
+command that finishes it), ``warning`` (usable but unusual), ``leak`` (unreferenced space, what
+an interrupted block allocation or compaction leaves; ``vhd compact`` reclaims it). The exit
+status is 0 with neither errors nor interrupted operations, 1 with errors, 2 when a file cannot
+be read at all, 3 when the only problem is an interrupted operation.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ PADDING = 4096
 class Finding:
     """One problem found in one file."""
 
-    severity: str  # "error", "warning" or "leak"
+    severity: str  # "error", "interrupted", "warning" or "leak"
     path: str
     message: str
     #: A stable name of the kind of finding, for ``--json`` (the error's or notice's code).
@@ -56,10 +59,16 @@ class CheckReport:
 
     @property
     def exit_code(self) -> int:
-        """0 clean (leaks and warnings allowed), 1 errors found, 2 a file could not be read."""
+        """The exit status of ``vhd check``.
+
+        0 clean (leaks and warnings allowed), 1 errors found, 2 a file could not be read, 3 an
+        interrupted operation and nothing worse.
+        """
         if self.unreadable:
             return 2
-        return 1 if any(f.severity == "error" for f in self.findings) else 0
+        if any(f.severity == "error" for f in self.findings):
+            return 1
+        return 3 if any(f.severity == "interrupted" for f in self.findings) else 0
 
 
 def check_chain(path: str, *, azure: bool = False, parents: str | None = None) -> CheckReport:
@@ -119,12 +128,16 @@ def _record_open_failure(report: CheckReport, path: str, exc: VhdfsError) -> Non
 
 def _check_layer(image: VhdImage, report: CheckReport) -> None:
     problem = image.write_problem()
+    interrupted = image.resize_interrupted()
     for warning in image.warnings:
-        if warning != problem:  # reported once, below, as what it is
-            report.findings.append(Finding("warning", image.path, warning.message, warning.code))
+        if warning == problem or (interrupted and warning.code == "footer-copy-differs"):
+            continue  # reported once, below, as what it is
+        report.findings.append(Finding("warning", image.path, warning.message, warning.code))
     if problem is not None:
         harmless = image.footer.saved_state or problem in image.write_hazards
         severity = "warning" if harmless else "error"
+        if interrupted:
+            severity = "interrupted"
         report.findings.append(Finding(severity, image.path, problem.message, problem.code))
     if image.kind == DiskType.FIXED:
         return

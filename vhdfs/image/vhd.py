@@ -22,11 +22,13 @@ the layers above, so a 2 TiB image costs a few kilobytes until it is used.
 from __future__ import annotations
 
 from array import array
+from dataclasses import replace
 from typing import Self
 
 from vhdfs.errors import (
     CorruptMetadataError,
     FormatError,
+    ImageError,
     Notice,
     TruncatedImageError,
     UnsupportedImageError,
@@ -34,7 +36,12 @@ from vhdfs.errors import (
 from vhdfs.format.bat import BAT_PAGE_BYTES, BAT_PAGE_ENTRIES, decode_entries, table_bytes
 from vhdfs.format.bitmap import SectorBitmap, bitmap_bytes
 from vhdfs.format.layout import FOOTER_SIZE, HEADER_SIZE, SECTOR, UNALLOCATED, DiskType
-from vhdfs.format.records import DynamicHeader, parse_batmap_header, parse_dynamic_header
+from vhdfs.format.records import (
+    DynamicHeader,
+    parse_batmap_header,
+    parse_dynamic_header,
+    parse_footer,
+)
 from vhdfs.image.footer import FooterLocation, locate_footer
 from vhdfs.image.hostfile import HostFile
 from vhdfs.image.regions import (
@@ -389,11 +396,43 @@ class VhdImage:
                 "the trailing footer is missing or damaged; only the copy at offset 0 is valid",
             )
         if not self.footer_copy_matches:
+            if self.resize_interrupted():
+                size = self.footer.current_size
+                return Notice(
+                    "interrupted-resize",
+                    f"a resize to {size} bytes was interrupted between its two footer writes "
+                    f"(the copy at offset 0 still has the old size); finish it: vhd resize "
+                    f"{self.path} {size}",
+                )
             return Notice(
                 "footer-copy-differs",
                 "the footer copy at offset 0 differs from the trailing footer",
             )
         return self.write_hazards[0] if self.write_hazards else None
+
+    def resize_interrupted(self) -> bool:
+        """Whether the footer copy differs from the trailing footer only in the size fields.
+
+        That is what ``vhd resize`` leaves when it is stopped between writing the trailing
+        footer and the copy at offset 0 (``image.reshape``): every reader uses the trailing
+        footer, and a rerun writes the copy.
+        """
+        if self.kind != DiskType.DYNAMIC or self.footer_copy_matches:
+            return False
+        if not self.trailing_footer_length:
+            return False
+        try:
+            copy = parse_footer(self.file.pread(0, FOOTER_SIZE), self.path)
+        except ImageError:
+            return False
+        trailing = self.footer
+        return trailing == replace(
+            copy,
+            current_size=trailing.current_size,
+            original_size=trailing.original_size,
+            geometry=trailing.geometry,
+            checksum=trailing.checksum,
+        )
 
     def commit_allocation(self, end: int) -> None:
         """Account for a new block, ending at ``end``, that its BAT entry now points at."""

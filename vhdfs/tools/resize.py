@@ -8,12 +8,11 @@ cannot be resized alone. The order of every write is ``vhdfs.image.reshape``'s.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from vhdfs.errors import ImageError, UsageError
 from vhdfs.format.bat import BAT_PAGE_ENTRIES, decode_entries
-from vhdfs.format.layout import FOOTER_SIZE, SECTOR, UNALLOCATED, DiskType
-from vhdfs.format.records import parse_footer
+from vhdfs.format.layout import SECTOR, UNALLOCATED, DiskType
 from vhdfs.image.create import check_size
 from vhdfs.image.reshape import plan_resize_dynamic, plan_resize_fixed
 from vhdfs.image.vhd import VhdImage
@@ -53,7 +52,7 @@ def resize(path: str, size: int, *, shrink: bool = False) -> ResizeReport:
                 "a differencing image has its parent's size and cannot be resized alone; "
                 "commit it (vhd commit) or resize its parent and recreate it",
             )
-        interrupted = _interrupted_resize(image)
+        interrupted = image.resize_interrupted()
         problem = image.write_problem()
         if problem is not None and not interrupted:
             raise ImageError(path, f"cannot resize: {problem}")
@@ -73,32 +72,6 @@ def resize(path: str, size: int, *, shrink: bool = False) -> ResizeReport:
         return ResizeReport(path, old, size, plan.relocated_table)
     finally:
         image.close()
-
-
-def _interrupted_resize(image: VhdImage) -> bool:
-    """Whether the footer copy differs from the trailing footer only in the size fields.
-
-    That is what a resize interrupted between the two writes leaves; a rerun writes the copy.
-    """
-    if (
-        image.kind != DiskType.DYNAMIC
-        or image.footer_copy_matches
-        or not image.trailing_footer_length
-    ):
-        return False
-    try:
-        copy = parse_footer(image.file.pread(0, FOOTER_SIZE), image.path)
-    except ImageError:
-        return False
-    trailing = image.footer
-    same = replace(
-        copy,
-        current_size=trailing.current_size,
-        original_size=trailing.original_size,
-        geometry=trailing.geometry,
-        checksum=trailing.checksum,
-    )
-    return same == trailing
 
 
 def _check_nothing_past(image: VhdImage, size: int) -> None:
