@@ -37,6 +37,7 @@ def vhd(*args: str | Path) -> subprocess.CompletedProcess[str]:
         (["vhd", "convert", "--help"], "vhd-convert-help.txt"),
         (["vhd", "commit", "--help"], "vhd-commit-help.txt"),
         (["vhd", "compact", "--help"], "vhd-compact-help.txt"),
+        (["vhd", "compare", "--help"], "vhd-compare-help.txt"),
         (["vhd", "resize", "--help"], "vhd-resize-help.txt"),
     ],
 )

@@ -10,6 +10,7 @@ import argparse
 import logging
 import shlex
 from dataclasses import asdict
+from functools import partial
 from typing import Any
 
 import trio
@@ -21,6 +22,7 @@ from vhdfs.errors import ExitCode, ImageBusyError, UsageError
 from vhdfs.image.create import DEFAULT_BLOCK_SIZE, check_block_size
 from vhdfs.text import printable
 from vhdfs.tools.compact import compact
+from vhdfs.tools.compare import compare
 from vhdfs.tools.convert import ConvertRequest, convert
 from vhdfs.tools.merge import commit
 from vhdfs.tools.resize import resize
@@ -46,6 +48,12 @@ differencing image), leaked space is reclaimed, blocks move down and the file sh
 give back the free space of a guest file system, zero it first: zerofree for ext2/3/4 (on
 the unmounted file system), sdelete -z inside Windows. fstrim does not help: FUSE has no
 discard for vhdfs to receive.
+"""
+_COMPARE_EPILOG = """\
+Each of A and B is a VHD (a differencing image brings its whole chain) or, when it is not a
+VHD or with -f/-F raw, a raw disk image; any mix. Exit status 0 when both disks have the same
+size and the same bytes, 1 when they differ (the first differing offset, or the two sizes, is
+printed); other statuses as for every command.
 """
 _RESIZE_EPILOG = """\
 Grows a fixed or dynamic image (a dynamic image's BAT moves to the end of the file when it
@@ -143,6 +151,25 @@ def add_parsers(sub: Any) -> None:
     _progress_option(compact_parser)
     _json_option(compact_parser)
 
+    compare_parser = sub.add_parser(
+        "compare",
+        help="tell whether two disks (VHD chains or raw files) hold the same bytes",
+        description="Compare the disks of A and B byte for byte.",
+        epilog=_COMPARE_EPILOG,
+        formatter_class=formatter,
+    )
+    compare_parser.add_argument("first", metavar="A")
+    compare_parser.add_argument("second", metavar="B")
+    compare_parser.add_argument(
+        "-f", dest="first_format", choices=("vhd", "raw"), default="auto", help="A's format"
+    )
+    compare_parser.add_argument(
+        "-F", dest="second_format", choices=("vhd", "raw"), default="auto", help="B's format"
+    )
+    parents_option(compare_parser)
+    _progress_option(compare_parser)
+    _json_option(compare_parser)
+
     resize_parser = sub.add_parser(
         "resize",
         help="change the virtual size of a fixed or dynamic image",
@@ -239,6 +266,35 @@ def run_compact(args: argparse.Namespace) -> int:
     )
 
 
+def run_compare(args: argparse.Namespace) -> int:
+    """``vhd compare``: 0 identical, 1 different."""
+    progress = ProgressLine(f"comparing {args.first} with {args.second}", args.progress)
+    report = trio.run(
+        partial(
+            compare,
+            args.first,
+            args.second,
+            formats=(args.first_format, args.second_format),
+            parents=args.parents,
+            progress=progress,
+        )
+    )
+    progress.finish()
+    if report.identical:
+        line = f"{report.first} and {report.second} are identical ({report.first_size} bytes)"
+    elif report.first_size != report.second_size:
+        line = (
+            f"{report.first} and {report.second} differ in size: {report.first_size} and "
+            f"{report.second_size} bytes"
+        )
+    else:
+        line = f"{report.first} and {report.second} differ at offset {report.first_difference}"
+    status = ExitCode.OK if report.identical else ExitCode.FAILURE
+    document = {**asdict(report), "identical": report.identical, "exit_code": int(status)}
+    print(render_json(document) if args.json else printable(line))
+    return status
+
+
 def run_resize(args: argparse.Namespace) -> int:
     """``vhd resize``."""
     report = resize(args.image, _size(args.size, "size"), shrink=args.shrink)
@@ -280,5 +336,6 @@ RUNNERS = {
     "convert": run_convert,
     "commit": run_commit,
     "compact": run_compact,
+    "compare": run_compare,
     "resize": run_resize,
 }

@@ -42,6 +42,7 @@ examples:
   vhd convert --azure disk.img upload.vhd         # a raw disk into a fixed VHD for Azure
   vhd commit snapshot.vhd                         # merge a snapshot into its parent
   vhd compact disk.vhd                            # give back unused space
+  vhd compare snapshot.vhd flat.img               # same bytes? (exit 0, else 1)
   vhd resize disk.vhd 40G                         # grow
 
 exit status:
