@@ -2,8 +2,8 @@
 
 It shares no code with vhdfs (plain ``struct``), so a bug in vhdfs's format layer cannot hide
 itself by being on both sides of a comparison. It writes whole sectors into fixed, dynamic
-and differencing images: new blocks are appended where the trailing footer was (zeroed bitmap
-and data), bits are set for exactly the sectors written, and the footer moves to the new end.
+and differencing images: new blocks are appended where the trailing footer was (zeroed bitmap,
+data a hole), bits are set for exactly the sectors written, and the footer moves to the new end.
 """
 
 from __future__ import annotations
@@ -58,7 +58,9 @@ class ImageWriter:
     def _allocate(self, block: int) -> int:
         position = self.footer_pos
         sector = position // SECTOR
-        os.pwrite(self.fd, bytes(self.bitmap_size + self.block_size), position)
+        # A zeroed bitmap over the old footer; the data lies past the old end of the file, a
+        # hole that reads as zeros until written (cheap for blocks of hundreds of MiB).
+        os.pwrite(self.fd, bytes(self.bitmap_size), position)
         self.footer_pos = position + self.bitmap_size + self.block_size
         os.pwrite(self.fd, bytes(self.footer), self.footer_pos)
         os.pwrite(self.fd, struct.pack(">I", sector), self.table_offset + 4 * block)

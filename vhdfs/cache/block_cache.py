@@ -48,9 +48,8 @@ from vhdfs.format.layout import UNALLOCATED, DiskType
 from vhdfs.image.chain import Chain
 from vhdfs.image.extents import Extent
 
-#: Default budget (``-o cache_size=``).
-DEFAULT_CACHE_SIZE = 64 << 20
-#: Smallest budget accepted: enough for the metadata of any request.
+#: Smallest budget accepted: enough for the metadata of any request. (A disk's budget, and its
+#: default, come from ``vhdfs.disk.virtual.DiskOptions``.)
 MIN_CACHE_SIZE = 1 << 20
 #: Granularity of cached data, in bytes of the host file (chosen by measurement: larger chunks
 #: cost more copying per small read).
@@ -59,7 +58,7 @@ DATA_CHUNK = 16 << 10
 CACHED_READ_LIMIT = 64 << 10
 
 #: The direct map holds at most one extent (about 150 bytes) per this many bytes of the budget,
-#: about 7% of ``cache_size`` (32768 extents for the default 64 MiB), but never fewer than one
+#: about 7% of ``cache_size`` (32768 extents for a 64 MiB budget), but never fewer than one
 #: fragmented block's worth (about 15% of the 1 MiB minimum); when full it starts over. A block
 #: it could not map counts as one extent.
 DIRECT_MAP_BYTES_PER_EXTENT = 2048
@@ -103,10 +102,10 @@ class BlockCache:
 
     Args:
         chain: The images whose metadata and data are cached.
-        max_bytes: Budget for everything cached (see ``DEFAULT_CACHE_SIZE``).
+        max_bytes: Budget for everything cached, at least ``MIN_CACHE_SIZE`` (the default).
     """
 
-    def __init__(self, chain: Chain, max_bytes: int = DEFAULT_CACHE_SIZE) -> None:
+    def __init__(self, chain: Chain, max_bytes: int = MIN_CACHE_SIZE) -> None:
         self.chain = chain
         self.layers = chain.layers
         self._lru: LruCache[CacheKey, Any] = LruCache(max_bytes)

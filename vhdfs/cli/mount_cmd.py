@@ -12,11 +12,11 @@ import sys
 from collections.abc import Sequence
 
 from vhdfs import __version__
-from vhdfs.cache.block_cache import DEFAULT_CACHE_SIZE
 from vhdfs.cli.resources import raise_open_file_limit
 from vhdfs.daemon.control import unmount
 from vhdfs.daemon.lifecycle import PROGRAM, mount
 from vhdfs.daemon.options import parse_mount_options
+from vhdfs.disk.virtual import DEFAULT_CACHE_SIZE, DEFAULT_DIRTY_LIMIT, DEFAULT_WRITEBACK
 from vhdfs.errors import VhdfsError
 from vhdfs.logs import error, setup_logging
 from vhdfs.units import format_size
@@ -25,6 +25,10 @@ _DESCRIPTION = """\
 Mount Microsoft VHD disk images (fixed, dynamic and differencing, with parent chains of any
 depth) as raw disk files, read-write. The command returns once the mount is ready and leaves a
 daemon serving it; vhdfs -u MOUNTPOINT unmounts and waits for the daemon to finish."""
+
+#: The defaults of ``writeback=`` and ``dirty_limit=`` as one would write them in ``-o``.
+_WRITEBACK = f"{DEFAULT_WRITEBACK:g}"
+_DIRTY = f"{DEFAULT_DIRTY_LIMIT >> 20}M"
 
 _EPILOG = f"""\
 mount options (-o, comma-separated, may be repeated; also accepted after the positionals):
@@ -40,9 +44,9 @@ mount options (-o, comma-separated, may be repeated; also accepted after the pos
   partitions          also serve each MBR or GPT partition of a disk as NAME.p1, NAME.p2...
                       (numbered as Linux numbers them; they follow the table as it changes)
   writeback=SECONDS   written data waits in memory at most this long before it is written
-                      to the image (default 5); 0 writes through
+                      to the image (default {_WRITEBACK}); 0 writes through
   sync                the same as writeback=0: a write returns once it is in the image, synced
-  dirty_limit=SIZE    most written data held in memory; writers wait above it (default 64M)
+  dirty_limit=SIZE    most written data held in memory; writers wait above it (default {_DIRTY})
   uid=USER, gid=GROUP, umask=MASK
                       owner, group and permission mask of the raw files (default: those of
                       the image file); chmod and chown on them fail with EPERM

@@ -93,6 +93,9 @@ class WorkerPool:
             except BaseException as exc:  # handed to the waiting task
                 call.error = exc
             self._token.run_sync_soon(call.done.set)
+            # Let go of the call (a long write's buffers) now: the name would otherwise keep
+            # it alive while this thread waits for its next call, however long that is.
+            del call
 
     def close(self) -> None:
         """Stop the threads once the queued calls are done."""

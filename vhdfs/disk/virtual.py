@@ -13,7 +13,9 @@ requires).
 The raw file behaves like a block device: its size is fixed, a write starting at or past the
 end fails with ENOSPC and one crossing the end is cut short.
 
-``open_disk`` is the one way to build a disk: the daemon and the tests use it alike.
+``open_disk`` is the one way to build a disk: the daemon, the tools and the tests use it
+alike, and ``DiskOptions`` holds every default (``vhdfs --help`` imports them from here only
+to show them).
 """
 
 from __future__ import annotations
@@ -24,15 +26,10 @@ from functools import partial
 
 import trio
 
-from vhdfs.cache.block_cache import DEFAULT_CACHE_SIZE, BlockCache, DataRead
+from vhdfs.cache.block_cache import BlockCache, DataRead
 from vhdfs.cache.lru import CacheStatistics
 from vhdfs.disk.hostio import HostIO, IoMode
-from vhdfs.disk.writeback import (
-    DEFAULT_DIRTY_LIMIT,
-    DEFAULT_INTERVAL,
-    WriteBack,
-    WriteBackStatistics,
-)
+from vhdfs.disk.writeback import WriteBack, WriteBackStatistics
 from vhdfs.errors import HostIOError, ImageError, NoSpaceError, ReadOnlyError
 from vhdfs.format.layout import SECTOR
 from vhdfs.image.bounded import LOOKUP_TIME_LIMIT, bounded
@@ -43,6 +40,15 @@ _ZERO_BLOCK = bytes(1 << 20)
 _ZERO_VIEW = memoryview(_ZERO_BLOCK)
 
 Buffer = bytes | bytearray | memoryview
+
+#: Default ``cache_size`` (``-o cache_size=``): memory for cached metadata and data.
+DEFAULT_CACHE_SIZE = 64 << 20
+#: Default ``writeback`` (``-o writeback=``): seconds dirty data may wait before the flusher
+#: writes it.
+DEFAULT_WRITEBACK = 5.0
+#: Default ``dirty_limit`` (``-o dirty_limit=``): dirty bytes above which writers wait for the
+#: flusher (offline: write them out).
+DEFAULT_DIRTY_LIMIT = 64 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,14 +69,19 @@ class DiskStatistics:
 
 @dataclass
 class DiskOptions:
-    """How to open a disk (the ``-o`` options that concern one image)."""
+    """How to open a disk (the ``-o`` options that concern one image, or a tool's needs)."""
 
     read_only: bool = False
     #: ``rw`` was asked for explicitly: refuse rather than fall back to read-only.
     explicit_rw: bool = False
+    #: Opened by a tool, not served: no flusher task runs, so ``writeback`` does not apply and
+    #: a write that leaves more than ``dirty_limit`` dirty writes it out before returning. Data
+    #: reaches the image as the tool goes, whatever the block size; ``flush`` or ``aclose``
+    #: writes the rest and syncs.
+    offline: bool = False
     cache_size: int = DEFAULT_CACHE_SIZE
     #: Seconds written data may wait in memory; 0 writes through.
-    writeback: float = DEFAULT_INTERVAL
+    writeback: float = DEFAULT_WRITEBACK
     dirty_limit: int = DEFAULT_DIRTY_LIMIT
     io_mode: IoMode = IoMode.INLINE
     #: ``parents=DIR``: open only parents whose real path lies inside this folder.
@@ -331,8 +342,9 @@ def open_disk(
     hostio = hostio or HostIO(options.io_mode)
     writeback = None
     if writable:
+        interval = None if options.offline else options.writeback
         writeback = WriteBack(
-            chain, cache, hostio, interval=options.writeback, dirty_limit=options.dirty_limit
+            chain, cache, hostio, interval=interval, dirty_limit=options.dirty_limit
         )
     disk = VirtualDisk(chain, cache, hostio, writeback)
     disk.warnings[:0] = fallback

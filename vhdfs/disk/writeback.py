@@ -20,6 +20,10 @@ When data reaches the image
 * Sooner when dirty data passes half of ``dirty_limit``; writers wait above the whole limit.
 * Unmount, SIGTERM, SIGINT and SIGHUP: everything, synced.
 * Write-through (``interval`` 0): every write is flushed and synced before it is acknowledged.
+* Offline (``interval`` ``None``: the image tools, which run no flusher task): a write that
+  leaves more than ``dirty_limit`` dirty writes it all out itself before it returns, so a
+  single write larger than the limit (a 256 MiB block copied whole) finishes too; the tool
+  flushes and syncs at its end.
 
 A failed flush keeps its data dirty and re-reads the metadata it may have changed; a failed
 sync fails every later sync and write of the mount (the kernel reports lost writeback once).
@@ -33,7 +37,8 @@ only inside a flush, so the end-of-file pointer needs no other lock. Metadata wr
 ``fdatasync`` go to a worker thread (``HostIO``), so requests keep being served meanwhile. A
 flush runs shielded from cancellation, so shutdown never interrupts one halfway (the order
 makes that safe anyway). Writers that find dirty data past the limit wait for the flusher
-task, never for another request, so every FUSE worker may block on it safely.
+task, never for another request, so every FUSE worker may block on it safely; offline, with no
+flusher task to wait for, they flush instead.
 """
 
 from __future__ import annotations
@@ -69,11 +74,6 @@ from vhdfs.image.vhd import VhdImage
 
 log = logging.getLogger(__name__)
 
-#: Default ``-o writeback=``: seconds dirty data may wait before the flusher writes it.
-DEFAULT_INTERVAL = 5.0
-#: Default ``-o dirty_limit=``: dirty bytes above which writers wait for the flusher.
-DEFAULT_DIRTY_LIMIT = 64 << 20
-
 
 @dataclass(frozen=True, slots=True)
 class WriteBackStatistics:
@@ -108,8 +108,9 @@ class WriteBack:
         chain: The chain whose leaf receives the writes.
         cache: The block cache, kept consistent with what is written.
         hostio: Writes long data runs and runs ``fdatasync`` away from the trio thread.
-        interval: Seconds before the flusher writes dirty data; 0 means write-through.
-        dirty_limit: Dirty bytes above which writers wait for the flusher.
+        interval: Seconds before the flusher writes dirty data; 0 means write-through; ``None``
+            means offline: no flusher task runs, and writers flush past ``dirty_limit``.
+        dirty_limit: Dirty bytes above which writers wait for the flusher (offline: flush).
     """
 
     def __init__(
@@ -118,8 +119,8 @@ class WriteBack:
         cache: BlockCache,
         hostio: HostIO,
         *,
-        interval: float = DEFAULT_INTERVAL,
-        dirty_limit: int = DEFAULT_DIRTY_LIMIT,
+        interval: float | None,
+        dirty_limit: int,
     ) -> None:
         self.image: VhdImage = chain.leaf
         self.cache = cache
@@ -145,7 +146,12 @@ class WriteBack:
     @property
     def write_through(self) -> bool:
         """True when every write is flushed and synced before it is acknowledged."""
-        return self.interval <= 0
+        return self.interval is not None and self.interval <= 0
+
+    @property
+    def offline(self) -> bool:
+        """True when no flusher task runs: writers write out what passes the dirty limit."""
+        return self.interval is None
 
     # -- the write side ------------------------------------------------------------------
 
@@ -156,6 +162,13 @@ class WriteBack:
         self.dirty.store(offset, data)
         if self.write_through:
             await self.flush(durable=True)
+            return
+        if self.offline:
+            # Nobody else would ever flush: waiting would hang, so the writer flushes. One
+            # write larger than the limit is held (a view of the caller's buffer) only until
+            # this flush has written it.
+            while self.dirty.size + self.inflight_size > self.dirty_limit:
+                await self.flush(durable=False)
             return
         self._dirty_event.set()
         if self.dirty.size > self.dirty_limit // 2:
@@ -216,7 +229,10 @@ class WriteBack:
         """Background task: flush dirty data ``interval`` seconds after it appears.
 
         Sooner under memory pressure. Errors are logged and kept for the next fsync or writer.
+        An offline write-back has no flusher task.
         """
+        if self.interval is None:
+            raise RuntimeError(f"{self.image.path}: an offline disk runs no flusher task")
         while True:
             await self._dirty_event.wait()
             with trio.move_on_after(self.interval):

@@ -16,16 +16,14 @@ from dataclasses import dataclass
 import trio
 
 from vhdfs.disk.virtual import DiskOptions, VirtualDisk, open_disk
-from vhdfs.errors import HostIOError, NotAVhdError, OtherFormatError, UsageError
+from vhdfs.errors import HostIOError, UsageError
 from vhdfs.format.layout import SECTOR
 from vhdfs.image.create import DEFAULT_BLOCK_SIZE, create_dynamic, create_fixed
+from vhdfs.tools.source import Source, open_source
 
 #: Bytes read per step, and the granularity of what is skipped as zeros within it.
 CHUNK = 2 << 20
 PIECE = 64 << 10
-#: Written data is pushed into the image this often (no flusher task runs in a tool, and the
-#: write-back layer holds at most its dirty limit).
-FLUSH_EVERY = 32 << 20
 MiB = 1 << 20
 _ZEROS = bytes(CHUNK)
 
@@ -66,24 +64,6 @@ class ConvertReport:
     data_bytes: int
 
 
-class _RawSource:
-    """A raw file read as a disk (the same two calls as ``VirtualDisk``)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise UsageError(path, f"cannot open: {exc.strerror}") from None
-        self.size = os.fstat(self.fd).st_size
-
-    async def read(self, offset: int, length: int) -> bytes:
-        return os.pread(self.fd, length, offset)
-
-    async def aclose(self) -> None:
-        os.close(self.fd)
-
-
 def _partial_name(destination: str) -> str:
     folder, name = os.path.split(os.path.abspath(destination))
     return os.path.join(folder, f".{name}.vhdfs-partial")
@@ -98,7 +78,7 @@ async def convert(request: ConvertRequest, progress: Progress | None = None) -> 
     """
     if os.path.lexists(request.destination):
         raise UsageError(request.destination, "already exists; refusing to overwrite it")
-    source, source_format = _open_source(request)
+    source, source_format = open_source(request.source, request.source_format, request.parents)
     try:
         size = source.size
         if request.output == "vhd":
@@ -122,23 +102,9 @@ async def convert(request: ConvertRequest, progress: Progress | None = None) -> 
     )
 
 
-def _open_source(request: ConvertRequest) -> tuple[VirtualDisk | _RawSource, str]:
-    if request.source_format == "raw":
-        return _RawSource(request.source), "raw"
-    try:
-        options = DiskOptions(read_only=True, parents=request.parents)
-        return open_disk(request.source, options), "vhd"
-    except OtherFormatError:
-        raise
-    except NotAVhdError:
-        if request.source_format == "vhd":
-            raise
-        return _RawSource(request.source), "raw"
-
-
 async def _write(
     request: ConvertRequest,
-    source: VirtualDisk | _RawSource,
+    source: Source,
     size: int,
     partial: str,
     progress: Progress | None,
@@ -147,12 +113,14 @@ async def _write(
     target: VirtualDisk | _RawTarget
     if request.output == "raw":
         target = _RawTarget(partial, size)
-    elif request.azure or request.kind == "fixed":
-        create_fixed(partial, size)
-        target = open_disk(partial, DiskOptions(explicit_rw=True, writeback=3600))
     else:
-        create_dynamic(partial, size, request.block_size)
-        target = open_disk(partial, DiskOptions(explicit_rw=True, writeback=3600))
+        if request.azure or request.kind == "fixed":
+            create_fixed(partial, size)
+        else:
+            create_dynamic(partial, size, request.block_size)
+        # Offline: written data reaches the file as the copy goes (no flusher task runs in a
+        # tool), whatever the block size; the flush at the end makes it durable.
+        target = open_disk(partial, DiskOptions(explicit_rw=True, offline=True))
     written = 0
     try:
         for offset in range(0, min(size, source.size), CHUNK):
@@ -161,8 +129,6 @@ async def _write(
                 for start, piece in _data_pieces(memoryview(data)):
                     await target.write(offset + start, piece)
                     written += len(piece)
-                    if written % FLUSH_EVERY < len(piece):
-                        await target.flush(durable=False)
             if progress is not None:
                 progress(offset + len(data), size)
             await trio.lowlevel.checkpoint()

@@ -29,8 +29,9 @@ from vhdfs.image.vhd import VhdImage
 from vhdfs.tools.apply import apply
 from vhdfs.tools.shape import allocated_blocks, shape_of
 
-#: Written data is pushed into the parent this often (no flusher task runs in a tool).
-FLUSH_EVERY = 32 << 20
+#: Bytes read from the child per write into the parent: a tool's memory stays bounded by
+#: the parent's dirty limit plus this, however large the blocks are.
+COPY_CHUNK = 4 << 20
 
 #: ``progress(bytes done, bytes in all)``.
 Progress = Callable[[int, int], None]
@@ -108,7 +109,10 @@ async def _commit_level(
         problem = child.write_problem()
         if problem is not None:
             raise ImageError(child_path, f"cannot commit: {problem}")
-        options = DiskOptions(explicit_rw=True, writeback=3600, parents=parents)
+        # Offline: the parent's write-back writes out as the copy goes, in the order of
+        # vhdfs.image.commit (no flusher task runs in a tool); the durable flush below makes
+        # it all durable before the child lets go of anything.
+        options = DiskOptions(explicit_rw=True, offline=True, parents=parents)
         parent = open_disk(parent_path, options)
         try:
             assert child.header is not None
@@ -146,21 +150,18 @@ async def _copy_into(child: VhdImage, parent: VirtualDisk, progress: Progress | 
             if present:
                 runs.append((block, entry, first, count))
     total = sum(count * SECTOR for *_, count in runs)
-    done = pending = 0
+    done = 0
     for block, entry, first, count in runs:
         offset = block * child.block_size + first * SECTOR
         length = min(count * SECTOR, child.virtual_size - offset)
-        if length <= 0:
-            continue
-        data = child.file.pread_exact(child.data_offset(entry) + first * SECTOR, length, "data")
-        await parent.write(offset, data)
-        done += length
-        pending += length
-        if pending >= FLUSH_EVERY:
-            await parent.flush(durable=False)
-            pending = 0
-        if progress is not None:
-            progress(done, total)
+        host = child.data_offset(entry) + first * SECTOR
+        for start in range(0, max(length, 0), COPY_CHUNK):
+            piece = min(COPY_CHUNK, length - start)
+            data = child.file.pread_exact(host + start, piece, "data")
+            await parent.write(offset + start, data)
+            done += piece
+            if progress is not None:
+                progress(done, total)
     return done
 
 
