@@ -110,6 +110,19 @@ def _refused(tmp_path: Path) -> None:
             f"vhdfs: {overlay}: overlay belongs to another user (uid {attacker.uid}); "
             "use an overlay of your own\n",
         )
+        # Refused before its locators are followed: here they lead nowhere.
+        stray = tmp_path / "stray.vhd"
+        other = tmp_path / "gone.vhd"
+        create_dynamic(str(other), 8 * MiB)
+        create_differencing(str(stray), str(other))
+        other.unlink()
+        os.chown(stray, attacker.uid, attacker.gid)
+        foreign = _vhdfs("-o", f"overlay={stray}", base, mountpoint)
+        assert (foreign.returncode, foreign.stderr) == (
+            2,
+            f"vhdfs: {stray}: overlay belongs to another user (uid {attacker.uid}); "
+            "use an overlay of your own\n",
+        )
     os.chown(overlay, 0, 0)
     os.chmod(overlay, 0o664)
     writable = _vhdfs("-o", f"overlay={overlay}", base, mountpoint)

@@ -219,15 +219,17 @@ def _check_overlay_owner(disk: VirtualDisk) -> None:
 
     Our writes would go into their file, and they could change what we read.
     """
-    st = os.fstat(disk.chain.leaf.file.fd)
+    _refuse_foreign_overlay(disk.chain.leaf.path, os.fstat(disk.chain.leaf.file.fd))
+
+
+def _refuse_foreign_overlay(path: str, st: os.stat_result) -> None:
     if st.st_uid != os.geteuid():
         raise UsageError(
-            disk.chain.leaf.path,
-            f"overlay belongs to another user (uid {st.st_uid}); use an overlay of your own",
+            path, f"overlay belongs to another user (uid {st.st_uid}); use an overlay of your own"
         )
     if st.st_mode & 0o022:
         raise UsageError(
-            disk.chain.leaf.path,
+            path,
             "overlay may be written by other users (group or others have write permission); "
             "use an overlay only you can write",
         )
@@ -246,7 +248,11 @@ def _prepare_overlay(images: list[str], options: MountOptions, stack: contextlib
         raise UsageError(None, "overlay= mounts the overlay read-write; drop ro")
     assert options.overlay is not None
     overlay = os.path.abspath(options.overlay)
-    if not os.path.lexists(overlay):
+    if os.path.lexists(overlay):
+        # Before its locators are followed (the opened file is checked again after the open).
+        with contextlib.suppress(OSError):
+            _refuse_foreign_overlay(overlay, os.stat(overlay))
+    else:
         base = os.path.abspath(images[0])
         create_differencing(overlay, base, parents=options.disk.parents, mode=None)
         stack.callback(os.unlink, overlay)
