@@ -11,15 +11,14 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests.support.faultyfs import running
 from tests.support.mounting import is_mounted, vhd_command
 from vhdfs.errors import StalledPathError
 from vhdfs.image.bounded import LOOKUP_TIME_LIMIT
@@ -46,31 +45,17 @@ def stalled() -> Iterator[Stalled]:
     backing.mkdir()
     mountpoint.mkdir()
     control.write_text("")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tests.support.faultyfs", backing, mountpoint, control],
-        stderr=subprocess.PIPE,
-    )
     try:
-        deadline = time.monotonic() + 30
-        while not is_mounted(str(mountpoint)):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"faultyfs did not mount: {process.communicate()[1]!r}")
-            time.sleep(0.02)
-        create_dynamic(str(backing / "base.vhd"), 4 << 20)
-        child = root / "child.vhd"
-        create_differencing(str(child), str(mountpoint / "base.vhd"))
-        os.kill(process.pid, signal.SIGSTOP)
-        yield Stalled(child, mountpoint / "base.vhd", process.pid)
+        with running(backing, mountpoint, control) as process:
+            create_dynamic(str(backing / "base.vhd"), 4 << 20)
+            child = root / "child.vhd"
+            create_differencing(str(child), str(mountpoint / "base.vhd"))
+            os.kill(process.pid, signal.SIGSTOP)
+            try:
+                yield Stalled(child, mountpoint / "base.vhd", process.pid)
+            finally:
+                os.kill(process.pid, signal.SIGCONT)  # so that it can be stopped
     finally:
-        os.kill(process.pid, signal.SIGCONT)
-        process.terminate()
-        try:
-            process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate()
-        if is_mounted(str(mountpoint)):
-            subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True)
         if not is_mounted(str(mountpoint)):
             shutil.rmtree(root, ignore_errors=True)
 

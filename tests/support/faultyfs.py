@@ -18,12 +18,17 @@ import errno
 import os
 import signal
 import stat
+import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pyfuse3
 import trio
+
+from tests.support.mounting import is_mounted
 
 
 class FaultyFs(pyfuse3.Operations):
@@ -165,6 +170,35 @@ async def _serve() -> None:
             nursery.start_soon(stop)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
+
+
+@contextlib.contextmanager
+def running(backing: Path, mountpoint: Path, control: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Run faultyfs in a process of its own until the block ends; yield it once mounted.
+
+    Stopped afterwards by that PID only (terminate, then kill), and unmounted lazily if its
+    mount outlived it.
+    """
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.support.faultyfs", backing, mountpoint, control],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not is_mounted(str(mountpoint)):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"faultyfs did not mount: {process.communicate()[1]!r}")
+            time.sleep(0.02)
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+        if is_mounted(str(mountpoint)):
+            subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True)
 
 
 def main() -> None:

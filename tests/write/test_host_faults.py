@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.faultyfs import running
 from tests.support.images import Layer, build_chain, pattern, run
-from tests.support.mounting import Mount, is_mounted, read_with_vhdimount, vhd_command
+from tests.support.mounting import Mount, read_with_vhdimount, vhd_command
 from vhdfs.errors import ExitCode
 from vhdfs.image.create import create_differencing
 
@@ -56,33 +56,8 @@ def faulty(tmp_path: Path) -> Iterator[FaultyDisk]:
     disk.backing.mkdir()
     disk.mountpoint.mkdir()
     disk.control.write_text("")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tests.support.faultyfs",
-            disk.backing,
-            disk.mountpoint,
-            disk.control,
-        ],
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while not is_mounted(str(disk.mountpoint)):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"faultyfs did not mount: {process.communicate()[1]!r}")
-            time.sleep(0.02)
+    with running(disk.backing, disk.mountpoint, disk.control):
         yield disk
-    finally:
-        process.terminate()
-        try:
-            process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate()
-        if is_mounted(str(disk.mountpoint)):
-            subprocess.run(["fusermount3", "-u", "-z", disk.mountpoint], capture_output=True)
 
 
 def _dynamic(disk: FaultyDisk) -> tuple[Path, bytearray]:
