@@ -35,18 +35,8 @@ fi
 # What the virtualenv and pyfuse3's build need (pyfuse3 compiles against libfuse3 when pip
 # has no wheel of it), installed only when missing, as scripts/setup.sh does.
 if command -v dpkg-query >/dev/null 2>&1; then
-    missing=""
-    for package in fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv; do
-        status=$(dpkg-query -W -f='${Status}' "$package" 2>/dev/null || true)
-        [ "$status" = "install ok installed" ] || missing="$missing $package"
-    done
-    if [ -n "$missing" ]; then
-        echo "install: installing$missing" >&2
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get update -q >&2
-        # shellcheck disable=SC2086
-        apt-get install -y -q --no-install-recommends $missing >&2
-    fi
+    . scripts/apt-missing.sh
+    apt_install_missing install fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv
 fi
 
 # The new manifest is written beside the old one and replaces it at the end. Directories an

@@ -9,18 +9,9 @@ libvhdi-utils e2fsprogs dosfstools mtools fdisk util-linux mount xz-utils fio sy
 man-db bash-completion qemu-system-x86"
 [ -n "${VHDFS_EXTRA_PACKAGES:-}" ] && PACKAGES="$PACKAGES $VHDFS_EXTRA_PACKAGES"
 
-missing=""
-for package in $PACKAGES; do
-    status=$(dpkg-query -W -f='${Status}' "$package" 2>/dev/null || true)
-    [ "$status" = "install ok installed" ] || missing="$missing $package"
-done
-if [ -n "$missing" ]; then
-    echo "setup: installing$missing" >&2
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q >&2
-    # shellcheck disable=SC2086
-    apt-get install -y -q --no-install-recommends $missing >&2
-fi
+. scripts/apt-missing.sh
+# shellcheck disable=SC2086
+apt_install_missing setup $PACKAGES
 
 if [ ! -x .venv/bin/python ]; then
     /usr/bin/python3 -m venv .venv
