@@ -43,9 +43,8 @@ from dataclasses import dataclass
 
 import trio
 
-from vhdfs.daemon.holders import holders
 from vhdfs.daemon.mounts import FSTYPE, MountEntry, top_mount_at
-from vhdfs.daemon.shutdown import StopOutcome
+from vhdfs.daemon.shutdown import StopOutcome, mount_replaced, unmount_outcome
 from vhdfs.errors import ExitCode, MountError, UsageError
 
 log = logging.getLogger(__name__)
@@ -306,22 +305,21 @@ class _Replies:
 def _unmount_for_the_daemon(entry: MountEntry) -> UnmountResult | None:
     """Unmount what a daemon without privileges has written out; ``None`` once done."""
     mountpoint = entry.mountpoint
-    now = top_mount_at(mountpoint, resolved=True)
-    if now is None or now.device != entry.device:
-        return UnmountResult(ExitCode.IO_ERROR, "the mount there is not this daemon's any more")
-    try:
-        result = subprocess.run(
-            ["fusermount3", "-u", mountpoint], capture_output=True, text=True, timeout=60
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return UnmountResult(ExitCode.IO_ERROR, f"cannot run fusermount3: {exc}")
-    if result.returncode == 0:
+    outcome = mount_replaced(mountpoint, entry.device)
+    if outcome is None:
+        try:
+            argv = ["fusermount3", "-u", mountpoint]
+            result = subprocess.run(argv, capture_output=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return UnmountResult(ExitCode.IO_ERROR, f"cannot run fusermount3: {exc}")
+        outcome = unmount_outcome(mountpoint, result.returncode, result.stderr)
+    if outcome.stopping:
         return None
-    message = result.stderr.strip()
-    if "busy" in message:
-        named = holders(mountpoint) or ["a holder not visible to this user"]
-        return UnmountResult(ExitCode.BUSY, f"in use, nothing unmounted: {'; '.join(named)}")
-    return UnmountResult(ExitCode.IO_ERROR, message or f"fusermount3 exited {result.returncode}")
+    if outcome.busy:
+        return UnmountResult(
+            ExitCode.BUSY, f"in use, nothing unmounted: {'; '.join(outcome.reasons)}"
+        )
+    return UnmountResult(ExitCode.IO_ERROR, "; ".join(outcome.reasons))
 
 
 def unmount(mountpoint: str) -> UnmountResult:

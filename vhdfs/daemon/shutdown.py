@@ -196,11 +196,9 @@ class Shutdown:
 
         ``name_holders``: look up who holds a busy mount (a scan of /proc) for the answer.
         """
-        here = top_mount_at(mountpoint, resolved=True)
-        if here is None or (self.device is not None and here.device != self.device):
-            return StopOutcome(
-                False, False, (f"the mount at {mountpoint} is not this one any more",)
-            )
+        replaced = mount_replaced(mountpoint, self.device)
+        if replaced is not None:
+            return replaced
         try:
             result = await trio.run_process(
                 ["fusermount3", "-u", mountpoint],
@@ -210,12 +208,33 @@ class Shutdown:
             )
         except OSError as exc:
             return StopOutcome(False, False, (f"cannot run fusermount3: {exc.strerror}",))
-        if result.returncode == 0:
-            return StopOutcome(True)
-        message = result.stderr.decode(errors="replace").strip()
-        if "busy" in message:
-            if not name_holders:
-                return StopOutcome(False, True)
-            named = holders(mountpoint) or ["a holder not visible to this user"]
-            return StopOutcome(False, True, tuple(named))
-        return StopOutcome(False, False, (message or f"fusermount3 exited {result.returncode}",))
+        return unmount_outcome(mountpoint, result.returncode, result.stderr, name_holders)
+
+
+def mount_replaced(mountpoint: str, device: str | None) -> StopOutcome | None:
+    """A refusal if the mount at ``mountpoint`` is not (any more) the one of ``device``.
+
+    After ``umount -l`` another mount may sit there: it must never be unmounted for us.
+    """
+    here = top_mount_at(mountpoint, resolved=True)
+    if here is None or (device is not None and here.device != device):
+        return StopOutcome(False, False, (f"the mount at {mountpoint} is not this one any more",))
+    return None
+
+
+def unmount_outcome(
+    mountpoint: str, returncode: int, stderr: bytes, name_holders: bool = True
+) -> StopOutcome:
+    """What ``fusermount3 -u mountpoint`` achieved, from its status and messages.
+
+    ``name_holders``: look up who holds a busy mount (a scan of /proc) for the answer.
+    """
+    if returncode == 0:
+        return StopOutcome(True)
+    message = stderr.decode(errors="replace").strip()
+    if "busy" in message:
+        if not name_holders:
+            return StopOutcome(False, True)
+        named = holders(mountpoint) or ["a holder not visible to this user"]
+        return StopOutcome(False, True, tuple(named))
+    return StopOutcome(False, False, (message or f"fusermount3 exited {returncode}",))

@@ -128,7 +128,7 @@ def _record_open_failure(report: CheckReport, path: str, exc: VhdfsError) -> Non
 
 def _check_layer(image: VhdImage, report: CheckReport) -> None:
     problem = image.write_problem()
-    interrupted = image.resize_interrupted()
+    interrupted = problem is not None and problem.code == "interrupted-resize"
     for warning in image.warnings:
         if warning == problem or (interrupted and warning.code == "footer-copy-differs"):
             continue  # reported once, below, as what it is
