@@ -6,6 +6,8 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.support.images import Layer, build_chain
 from tests.support.mounting import vhd_command
 
@@ -105,3 +107,21 @@ def test_a_file_of_another_format_is_refused_in_one_line(tmp_path: Path) -> None
     assert result.returncode not in (0, 1)
     assert len(result.stderr.splitlines()) == 1
     assert str(qcow2) in result.stderr
+
+
+@pytest.mark.parametrize("block_size", [512, 256 * MiB])
+def test_the_smallest_and_largest_blocks(block_size: int, tmp_path: Path) -> None:
+    layers = [Layer(block_size=block_size, writes=[(0, 64), (5000, 300)])]
+    layers.append(Layer(block_size=block_size, writes=[(10, 8), (9000, 17)]))
+    built = build_chain(tmp_path / "chain", SIZE, layers)
+    raw = tmp_path / "flat.img"
+    raw.write_bytes(bytes(built.expected))
+    assert _vhd("compare", built.leaf, raw).returncode == 0
+    changed = bytearray(built.expected)
+    changed[SIZE - 1] ^= 1  # the very last byte
+    raw.write_bytes(bytes(changed))
+    result = _vhd("compare", raw, built.leaf)
+    assert (result.returncode, result.stdout) == (
+        1,
+        f"{raw} and {built.leaf} differ at offset {SIZE - 1}\n",
+    )
